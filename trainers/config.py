@@ -1,0 +1,302 @@
+"""Configs: one dataclass per concern, loaded from YAML, overridden with ``key=value``.
+
+``load_config("tiny", ["ppo.lr=1e-5", "model.lora.r=8"])`` reads a preset (a name in
+``trainers/presets/`` or a path to a YAML file), applies dotted overrides, and type-checks
+every value. Unknown keys are errors that name the full dotted key. The resolved config is
+saved (``save_config``) beside every checkpoint and log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+@dataclass
+class TinyModelConfig:
+    """The embedded default: a tiny LLaVA built from scratch (random init) on CPU."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    vocab_size: int = 512
+    vision_hidden_size: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class ModelConfig:
+    # A local llava-hf checkpoint directory; empty = the embedded tiny model (built on first use
+    # under run.out_dir/tiny_base).
+    checkpoint: str = ""
+    quantize: bool = True  # NF4 base for the RM/PPO stages (SFT 'full' mode never quantizes)
+    double_quant: bool = True
+    blocksize: int = 64
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    attn_impl: str = "auto"  # auto | sdpa | flash | xformers
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    # Folder holding the LLaVA-RLHF-format files below; for the tiny preset ShapesWorld writes
+    # them there on first use.
+    root: str = ""
+    image_folder: str = "images"
+    sft_file: str = "sft.json"
+    preference_file: str = "preference.json"
+    preference_eval_file: str = "preference_eval.json"
+    captions_file: str = "image_to_caption.json"
+    ppo_prompts_file: str = "ppo_prompts.json"
+    eval_dir: str = "eval"
+    fact_template: str = ""  # path to a template file; empty = the packaged default
+    max_seq_len: int = 256
+    max_prompt_len: int = 128
+    image_aspect: str = "pad"  # pad (LLaVA: pad to square with the mean colour) | resize
+    skip_bad_records: bool = False
+    shapes_n: int = 2000  # ShapesWorld scenes generated for the tiny preset
+    shapes_seed: int = 0
+    shapes_image_size: int = 32
+
+
+@dataclass
+class TrainLoopConfig:
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # if > 0, overrides warmup_ratio
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: float = 1.0
+    max_steps: int = 0  # if > 0, overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+    eval_every: int = 50
+    max_nonfinite_skips: int = 5
+
+
+@dataclass
+class SFTConfig(TrainLoopConfig):
+    mode: str = "full"  # full | qlora
+
+
+@dataclass
+class RMConfig(TrainLoopConfig):
+    fact_augmented: bool = True
+    mean_reward_penalty: float = 0.0  # small L2 penalty keeping the mean reward near 0
+    lr: float = 2e-5
+    schedule: str = "constant"
+    grad_clip: float = 0.3
+
+
+@dataclass
+class PPOConfig(TrainLoopConfig):
+    # rollout
+    rollout_batch_size: int = 512
+    rollout_chunk_size: int = 32  # prompts generated at once (memory bound)
+    step_batch_size: int = 256
+    ppo_epochs: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_response_len: int = 896
+    # reward shaping
+    kl_coef: float = 0.1
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1_clamp"  # k1 | k1_clamp | k2 | k3
+    no_eos_penalty: float = -8.0
+    length_penalty: float = -10.0  # × len / max_response_len × length_bonus
+    correct_bonus: float = 2.0
+    reward_whiten: bool = False
+    reward_clip: float = 0.0  # 0 = off
+    # GAE + losses
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten_advantages: bool = True
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    total_steps: int = 0  # PPO steps (rollout + update); 0 = one pass over the prompts
+    sample_every: int = 5  # log a table of sample responses every N steps
+    lr: float = 3e-5
+    warmup_steps: int = 5
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    n_pope: int = 0  # 0 = all
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    resume: str = "none"  # none | auto | path to a checkpoint directory
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---- (de)serialization ------------------------------------------------------------------------
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_type(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-5' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _merge(cur, v, key + ".")
+        else:
+            setattr(obj, k, _check_type(v, hints[k], key))
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, cls=Config) -> Any:
+    return _merge(cls(), data or {})
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        nested: dict = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+        _merge(cfg, nested)
+    return cfg
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r} (known: {', '.join(known)}; or give a .yaml path)")
+    return preset
+
+
+def load_config(preset: str = "tiny", overrides: Optional[list[str]] = None) -> Config:
+    path = resolve_preset(preset)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    try:
+        cfg = from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
