@@ -45,7 +45,7 @@ class TinyModelConfig:
     vision_hidden_size: int = 64
     vision_layers: int = 3
     vision_heads: int = 4
-    image_size: int = 32
+    image_size: int = 48
     patch_size: int = 8
     max_position_embeddings: int = 512
 
@@ -84,7 +84,7 @@ class DataConfig:
     skip_bad_records: bool = False
     shapes_n: int = 2000  # ShapesWorld scenes generated for the tiny preset
     shapes_seed: int = 0
-    shapes_image_size: int = 32
+    shapes_image_size: int = 48
 
 
 @dataclass

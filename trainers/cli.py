@@ -1,0 +1,96 @@
+"""``factrl``: one console script, a subcommand per stage.
+
+    factrl sft      [--config tiny|PATH.yaml] [key=value ...]
+    factrl rm       ...
+    factrl ppo      ...
+    factrl eval     ...
+    factrl pipeline ...           # data → SFT → RM → PPO → eval (what `make train` runs)
+    factrl plan     --config llava-v1.5-13b [--gpu-gib 80] [key=value ...]
+    factrl data shapes --out DIR --n N --seed S [--image-size 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from factrl.trainers.config import ConfigError, load_config
+
+STAGES = {
+    "sft": ("factrl.trainers.sft", "train_sft"),
+    "rm": ("factrl.trainers.rm", "train_rm"),
+    "ppo": ("factrl.trainers.ppo", "train_ppo"),
+    "eval": ("factrl.trainers.evaluate_model", "evaluate_stages"),
+    "pipeline": ("factrl.trainers.pipeline", "run_pipeline"),
+}
+
+
+def _plan(cfg, gpu_gib: float, name: str) -> None:
+    from pathlib import Path
+
+    from factrl.model.plan import ARCH, Arch, arch_from_model_config, format_plan, plan
+
+    if cfg.model.checkpoint and Path(cfg.model.checkpoint).is_dir():
+        from factrl.model.io import read_llava_config
+
+        _, hf = read_llava_config(Path(cfg.model.checkpoint))
+        t, v = hf.text_config, hf.vision_config
+        arch = Arch(t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
+                    t.num_key_value_heads or t.num_attention_heads, t.intermediate_size, t.vocab_size,
+                    v.hidden_size, v.num_hidden_layers, v.intermediate_size, v.image_size, v.patch_size)
+    elif name in ARCH:
+        arch = Arch(**ARCH[name])
+    else:
+        arch = arch_from_model_config(cfg.model)
+    p = plan(arch, cfg.model.lora.r, cfg.model.lora.targets, cfg.data.max_prompt_len, cfg.ppo.max_response_len,
+             gpu_gib=gpu_gib, rollout_chunk=cfg.ppo.rollout_chunk_size, step_chunk=cfg.ppo.batch_size,
+             blocksize=cfg.model.blocksize)
+    print(format_plan(name, p))
+    print(json.dumps({"preset": name, "peak_gib": round(p["peak_bytes"] / 2 ** 30, 2), "fits": p["fits"],
+                      "max_rollout_chunk": p["max_rollout_chunk"], "max_step_chunk": p["max_step_chunk"]}))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="factrl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in [*STAGES, "plan"]:
+        p = sub.add_parser(name)
+        p.add_argument("--config", "--preset", dest="config", default="tiny",
+                       help="preset name (tiny, llava-v1.5-7b, llava-v1.5-13b) or a YAML file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, nested keys with dots")
+        if name == "plan":
+            p.add_argument("--gpu-gib", type=float, default=80.0)
+    d = sub.add_parser("data")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    s = dsub.add_parser("shapes", help="write a ShapesWorld dataset in the LLaVA-RLHF formats")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=48)
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "data":
+            from factrl.trainers.shapes import write_dataset
+
+            info = write_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+            print(json.dumps(info, default=str))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.cmd == "plan":
+            _plan(cfg, args.gpu_gib, args.config)
+            return 0
+        import importlib
+
+        mod, fn = STAGES[args.cmd]
+        result = getattr(importlib.import_module(mod), fn)(cfg)
+        print(json.dumps(result, default=str))
+        return 0
+    except ConfigError as e:
+        print(f"factrl: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
