@@ -168,7 +168,7 @@ def render(scene: Scene, image_size: int = 48) -> Image.Image:
     cell = S / 3
     for o in scene.objects:
         cx, cy = (o.col + 0.5) * cell, (o.row + 0.5) * cell
-        r = cell * (0.46 if o.size == "large" else 0.26)
+        r = cell * (0.46 if o.size == "large" else 0.30)
         fill = COLORS[o.color]
         if o.shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -493,8 +493,10 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
     """All records in memory, each generated item also carrying its ``spec`` (for tests/eval).
 
     Returns {"scenes": [Scene], "sft": [...], "preference": [...], "preference_eval": [...],
-    "captions": {...}, "ppo": [...], "eval": {name: [items]}, "items": [(scene, spec, answer)],
-    "planted": [(scene, spec, answer, kind)]}.
+    "captions": {...}, "ppo": [...], "eval": {name: [items]}, and for checking: "items" (every
+    faithful answer written, as (scene, spec, answer)), "planted" ((scene, spec, answer, kind) of
+    every planted hallucination), "unhelpful" ((scene, spec, answer): faithful but less helpful
+    outputs), "ppo_specs" ((scene, spec) per PPO prompt)}.
     """
     n_eval = max(10, n // 5) if n_eval is None else n_eval
     rng = random.Random(seed)
@@ -514,7 +516,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
     evals = [s for s in scenes if s.split == "eval"]
 
     out: dict = {"scenes": scenes, "sft": [], "preference": [], "preference_eval": [], "captions": {},
-                 "ppo": [], "eval": {}, "items": [], "planted": []}
+                 "ppo": [], "eval": {}, "items": [], "planted": [], "unhelpful": [], "ppo_specs": []}
     choice = {s.image: make_choice_spec(s, random.Random(f"{seed}-choice-{s.id}")) for s in scenes}
     for s in scenes:
         out["captions"][s.image] = s.to_captions()
@@ -559,6 +561,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                     out["planted"].append((s, spec, bad, kind))
                 else:
                     bad = less_helpful(spec, s, r)
+                    out["unhelpful"].append((s, spec, bad))
                 out["items"].append((s, spec, good))
                 pref = 1 if r.random() < 0.5 else 2
                 o1, o2 = (good, bad) if pref == 1 else (bad, good)
@@ -589,6 +592,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
         # length_bonus scales the length penalty: short-answer prompts get the full penalty,
         # descriptions none (their answers are meant to be long).
         lb = 0.0 if spec["type"] == "describe" else 1.0
+        out["ppo_specs"].append((s, spec))
         out["ppo"].append({"id": f"{s.id}-ppo", "image": s.image,
                            "conversations": [{"from": "human", "value": _human(question(spec), True)}],
                            "caption_type": ctype, "length_bonus": lb})

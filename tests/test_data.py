@@ -1,0 +1,403 @@
+"""LLaVA-RLHF formats: loaders, vicuna_v1 rendering, label masks, bad input, images, collators."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from factrl.model.tokenizer import build_tokenizer
+from factrl.trainers import data as D
+
+NIT = 4  # image tokens per image in these tests
+SYS = D.SYSTEM_PROMPT
+
+SFT = [
+    {"id": "a", "image": "img1.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"},
+        {"from": "gpt", "value": "The circle is red."}]},
+    {"id": "b", "image": "img2.png", "conversations": [  # multi-turn, placeholder after the text
+        {"from": "human", "value": "What is here?\n<image>"}, {"from": "gpt", "value": "A star."},
+        {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "No."}]},
+    {"id": "c", "conversations": [  # text-only
+        {"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}]},
+    {"image": "img1.png", "conversations": [  # image but no placeholder: LLaVA puts it in front
+        {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A red circle."}]},
+]
+CAPTIONS = {"img1.png": ["A red circle is at the top.", "The background is white."],
+            "aok_img1.png": ["The correct option is B: red."],
+            "img2.png": "A big blue star."}  # a lone string is one caption
+PREF = [
+    {"id": "p0", "image": "img1.png",
+     "conversations": [{"from": "human", "value": "<image>\nWhat color is the circle?"},
+                       {"from": "gpt", "value": "The circle is red."}],
+     "output_1": {"value": "The circle is blue."}, "output_2": {"value": "The circle is red."},
+     "preference": 2},  # no "hallucination" key
+    {"id": "p1", "image": "img2.png",
+     "conversations": [{"from": "human", "value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "A star."},
+                       {"from": "human", "value": "Is it big?"}],  # ends with the human turn
+     "output_1": {"value": "Yes."}, "output_2": {"value": "No."}, "preference": 1, "hallucination": True},
+    {"id": "p2", "conversations": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}],
+     "output_1": {"value": "Hi."}, "output_2": {"value": "Go away."}, "preference": 1, "hallucination": False},
+]
+PPO = [{"id": f"q{ct}", "image": "img1.png" if ct % 2 else None,
+        "conversations": [{"from": "human", "value": f"Question number {ct}?"}],
+        "caption_type": ct, "length_bonus": 0.5 * ct} for ct in range(1, 8)]
+for r in PPO:
+    if r["image"] is None:
+        del r["image"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [SYS, "USER: ASSISTANT:", D.load_template(None, True), D.load_template(None, False)]
+    texts += [t["value"] for r in SFT + PREF + PPO for t in r["conversations"]]
+    texts += [r[k]["value"] for r in PREF for k in ("output_1", "output_2")]
+    texts += [c for v in CAPTIONS.values() for c in ([v] if isinstance(v, str) else v)]
+    return build_tokenizer(texts * 3, vocab_size=400)
+
+
+@pytest.fixture()
+def root(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "images" / "img1.png")
+    Image.new("RGB", (10, 10), (0, 0, 255)).save(tmp_path / "images" / "img2.png")
+    for name, obj in (("sft.json", SFT), ("pref.json", PREF), ("ppo.json", PPO), ("caps.json", CAPTIONS)):
+        (tmp_path / name).write_text(json.dumps(obj))
+    return tmp_path
+
+
+def enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+# ---- formats and rendering --------------------------------------------------------------------
+
+
+def test_sft_labels_mask_exactly_the_assistant_tokens(tok, root):
+    exs = D.load_sft(root / "sft.json", tok, NIT, 1000, image_folder=str(root / "images"))
+    assert [e.id for e in exs] == ["a", "b", "c", "3"] and exs.stats.n_loaded == 4
+    img, bos, eos, M = tok.convert_tokens_to_ids("<image>"), tok.bos_token_id, tok.eos_token_id, -100
+    e = exs[1]
+    parts = [([bos], False), (enc(tok, f"{SYS} USER: What is here?"), False), ([img] * NIT, False),
+             (enc(tok, "ASSISTANT:"), False), (enc(tok, "A star.") + [eos], True),
+             (enc(tok, "USER: Is it big? ASSISTANT:"), False), (enc(tok, "No.") + [eos], True)]
+    want_ids = [t for p, _ in parts for t in p]
+    want_labels = [t if train else M for p, train in parts for t in p]
+    assert e.input_ids == want_ids
+    assert e.labels == want_labels  # token by token
+    assert e.image == "img2.png"
+    # the trained tokens decode to exactly the two answers
+    trained = [t for t, l in zip(e.input_ids, e.labels) if l != M]
+    assert trained == enc(tok, "A star.") + [eos] + enc(tok, "No.") + [eos]
+    # text-only: no image tokens at all
+    assert img not in exs[2].input_ids and exs[2].image is None
+    assert exs[2].input_ids == [bos] + enc(tok, f"{SYS} USER: Hello there ASSISTANT:") + enc(tok, "Hi.") + [eos]
+    # a record with an image but no placeholder gets the image tokens in front of the text
+    assert exs[3].input_ids[: len(enc(tok, f"{SYS} USER:")) + 1 + NIT][-NIT:] == [img] * NIT
+    assert exs[0].input_ids.count(img) == NIT
+
+
+def test_sft_too_long_dropped_and_counted(tok, root):
+    full = D.load_sft(root / "sft.json", tok, NIT, 1000)
+    limit = sorted(len(e.input_ids) for e in full)[1]
+    exs = D.load_sft(root / "sft.json", tok, NIT, limit)
+    assert all(len(e.input_ids) <= limit for e in exs)
+    assert exs.stats.n_too_long == sum(len(e.input_ids) > limit for e in full) > 0
+    assert len(exs) + exs.stats.n_too_long == 4
+
+
+def test_captions_with_aok(root):
+    caps = D.load_captions(root / "caps.json")
+    assert caps["aok_img1.png"] == ["The correct option is B: red."]
+    assert caps["img2.png"] == ["A big blue star."]
+
+
+def test_preferences_fact_augmented_and_vanilla(tok, root):
+    caps = D.load_captions(root / "caps.json")
+    exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True)
+    assert [e.hallucination for e in exs] == [None, True, False]
+    e0 = exs[0]
+    prefix = [tok.bos_token_id] + enc(tok, f"{SYS} USER:") + [tok.convert_tokens_to_ids("<image>")] * NIT + \
+        enc(tok, "What color is the circle? ASSISTANT:")
+    facts = "A red circle is at the top.\nThe background is white.\nThe correct option is B: red."
+    suffix_text = D.load_template(None, True).replace("{captions}", facts)
+    assert e0.chosen_ids == prefix + enc(tok, "The circle is red.") + enc(tok, suffix_text)  # preference 2
+    assert e0.rejected_ids == prefix + enc(tok, "The circle is blue.") + enc(tok, suffix_text)
+    tail = tok.decode(e0.chosen_ids[-12:])
+    assert tail.rstrip().endswith("the quality score of my last response is")
+    assert "The correct option is B: red." in tok.decode(e0.chosen_ids)
+    # multi-turn: the earlier gpt turn stays (with its eos), the outputs follow the last question
+    e1 = exs[1]
+    assert e1.chosen_ids.count(tok.eos_token_id) == 1
+    assert tok.decode(e1.chosen_ids).count("A big blue star.") == 1
+    # text-only record: no captions, the fact block is empty
+    assert "circle is at the top" not in tok.decode(exs[2].chosen_ids)
+    van = D.load_preferences(root / "pref.json", tok, NIT, 1000, None, fact_augmented=False)
+    vt = tok.decode(van[0].chosen_ids)
+    assert "A red circle is at the top." not in vt and vt.rstrip().endswith("the quality score of my last response is")
+    assert van[0].chosen_ids[: len(prefix)] == prefix
+
+
+def test_custom_template_file_and_text(tok, root, tmp_path):
+    caps = D.load_captions(root / "caps.json")
+    p = tmp_path / "t.txt"
+    p.write_text("USER: Facts:\n{captions}\nASSISTANT: so the quality score of my last response is\n")
+    a = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template=str(p))
+    b = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template=p.read_text())
+    assert a[0].chosen_ids == b[0].chosen_ids
+    assert "Facts:" in tok.decode(a[0].chosen_ids)
+    with pytest.raises(ValueError, match="captions"):
+        D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="USER: no block\nASSISTANT: x")
+
+
+def test_build_rm_input_matches_rm_training_layout(tok, root):
+    caps = D.load_captions(root / "caps.json")
+    exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True)
+    q = D.render_query(tok, "What color is the circle?", NIT, has_image=True)
+    facts = caps["img1.png"] + caps["aok_img1.png"]
+    resp = enc(tok, "The circle is red.") + [tok.eos_token_id, tok.pad_token_id]  # generated, padded
+    left_padded_q = [tok.pad_token_id] * 3 + q
+    assert D.build_rm_input(tok, left_padded_q, resp, facts, True) == exs[0].chosen_ids
+    van = D.load_preferences(root / "pref.json", tok, NIT, 1000, None, fact_augmented=False)
+    assert D.build_rm_input(tok, q, resp, [], False) == van[0].chosen_ids
+
+
+def test_render_query_is_the_sft_prefix(tok, root):
+    exs = D.load_sft(root / "sft.json", tok, NIT, 1000)
+    q = D.render_query(tok, "<image>\nWhat color is the circle?", NIT, has_image=True)
+    assert exs[0].input_ids[: len(q)] == q and exs[0].labels[: len(q)] == [-100] * len(q)
+    assert q[-len(enc(tok, "ASSISTANT:")):] == enc(tok, "ASSISTANT:")
+    assert D.render_query(tok, "What color is the circle?", NIT, has_image=True) == q
+    with pytest.raises(ValueError):
+        D.render_query(tok, "<image> hi", NIT, has_image=False)
+
+
+def test_ppo_prompts_every_caption_type(tok, root):
+    caps = D.load_captions(root / "caps.json")
+    exs = D.load_ppo_prompts(root / "ppo.json", tok, NIT, 1000, caps, image_folder=str(root / "images"))
+    assert [e.caption_type for e in exs] == list(range(1, 8))
+    assert [e.length_bonus for e in exs] == [0.5 * c for c in range(1, 8)]
+    for e in exs:
+        assert e.query_ids[-len(enc(tok, "ASSISTANT:")):] == enc(tok, "ASSISTANT:")
+        if e.image:
+            assert e.captions == CAPTIONS["img1.png"] + CAPTIONS["aok_img1.png"]
+            assert e.query_ids.count(tok.convert_tokens_to_ids("<image>")) == NIT
+        else:
+            assert e.captions == [] and tok.convert_tokens_to_ids("<image>") not in e.query_ids
+    # prompts longer than max_prompt_len are dropped and counted
+    n = len(exs[1].query_ids)
+    short = D.load_ppo_prompts(root / "ppo.json", tok, NIT, n - 1, caps)
+    assert short.stats.n_too_long == sum(len(e.query_ids) > n - 1 for e in exs) > 0
+    assert len(short) + short.stats.n_too_long == 7
+
+
+@pytest.mark.parametrize("text,ct,want", [
+    ("Anything at all.", 1, None), ("A", 2, True), ("B. red", 3, True), ("(C) green", 4, True),
+    ("The answer is D.", 5, True), ("B", 2, False), ("", 3, False), ("A red circle.", 3, False),
+    ("No.", 6, True), ("No, there is not.", 6, True), ("Yes.", 6, False), ("Yes.", 7, True),
+    ("Yes, it is red.", 7, True), ("No.", 7, False), ("Maybe.", 7, False), ("", 7, False),
+])
+def test_is_correct(text, ct, want):
+    assert D.is_correct(text, ct) is want
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def _write(root, name, obj):
+    p = root / name
+    p.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return p
+
+
+def _bad_cases():
+    pref_bad = json.loads(json.dumps(PREF))
+    pref_bad[1]["preference"] = 3
+    pref_missing = json.loads(json.dumps(PREF))
+    del pref_missing[1]["output_2"]
+    sft_missing = json.loads(json.dumps(SFT))
+    del sft_missing[1]["conversations"]
+    sft_img = json.loads(json.dumps(SFT))
+    sft_img[1]["image"] = "nope.png"
+    ppo_missing = json.loads(json.dumps(PPO))
+    del ppo_missing[1]["caption_type"]
+    ppo_ct = json.loads(json.dumps(PPO))
+    ppo_ct[1]["caption_type"] = 9
+    sft_turn = json.loads(json.dumps(SFT))
+    sft_turn[1]["conversations"][1]["from"] = "human"
+    return [("sft", sft_missing, "conversations"), ("sft", sft_img, "image"), ("pref", pref_bad, "preference"),
+            ("pref", pref_missing, "output_2"), ("ppo", ppo_missing, "caption_type"),
+            ("ppo", ppo_ct, "caption_type"), ("sft", sft_turn, "conversations[1].from")]
+
+
+def _loader(kind, tok, root, path, skip):
+    caps = D.load_captions(root / "caps.json")
+    imgs = str(root / "images")
+    if kind == "sft":
+        return D.load_sft(path, tok, NIT, 1000, skip_bad=skip, image_folder=imgs)
+    if kind == "pref":
+        return D.load_preferences(path, tok, NIT, 1000, caps, True, skip_bad=skip, image_folder=imgs)
+    return D.load_ppo_prompts(path, tok, NIT, 1000, caps, skip_bad=skip, image_folder=imgs)
+
+
+@pytest.mark.parametrize("kind,records,field", _bad_cases())
+def test_bad_record_names_file_index_field_or_is_skipped(tok, root, kind, records, field):
+    path = _write(root, f"bad_{kind}.json", records)
+    with pytest.raises(D.DataError) as ei:
+        _loader(kind, tok, root, path, skip=False)
+    e = ei.value
+    assert (e.file, e.index, e.field) == (str(path), 1, field)
+    assert str(path) in str(e) and "record 1" in str(e) and f"'{field}'" in str(e)
+    exs = _loader(kind, tok, root, path, skip=True)
+    assert exs.stats.n_skipped == 1 and len(exs) == len(records) - 1 and exs.stats.errors == [str(e)]
+
+
+def test_malformed_json_and_missing_file(tok, root):
+    p = _write(root, "broken.json", '[{"id": "a", "conversations": [}')
+    for kind in ("sft", "pref", "ppo"):
+        with pytest.raises(D.DataError, match="malformed JSON") as ei:
+            _loader(kind, tok, root, p, skip=True)  # file-level errors are never skipped
+        assert ei.value.file == str(p)
+    with pytest.raises(D.DataError, match="malformed JSON"):
+        D.load_captions(p)
+    with pytest.raises(D.DataError, match="not found"):
+        D.load_sft(root / "nope.json", tok, NIT, 100)
+    with pytest.raises(D.DataError, match="expected a JSON list"):
+        D.load_sft(_write(root, "obj.json", {"a": 1}), tok, NIT, 100)
+    with pytest.raises(D.DataError) as ei:
+        D.load_captions(_write(root, "c.json", {"x.png": [1, 2]}))
+    assert ei.value.index == "x.png"
+
+
+def test_missing_captions_for_image_is_an_error(tok, root):
+    with pytest.raises(D.DataError) as ei:
+        D.load_preferences(root / "pref.json", tok, NIT, 1000, {"img2.png": ["x"]}, True)
+    assert (ei.value.index, ei.value.field) == (0, "image")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=True) | st.text(max_size=12)
+    | st.sampled_from(["human", "gpt", "<image>", "img1.png", "nope.png", "value", "from"]),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(
+        st.sampled_from(["id", "image", "conversations", "from", "value", "output_1", "output_2", "preference",
+                         "hallucination", "caption_type", "length_bonus", "x"]), c, max_size=6),
+    max_leaves=20)
+
+
+def _mutations():
+    base = st.sampled_from(SFT + PREF + PPO)
+    key = st.sampled_from(["id", "image", "conversations", "output_1", "output_2", "preference", "hallucination",
+                           "caption_type", "length_bonus"])
+
+    def mutate(args):
+        rec, k, v, delete = args
+        rec = json.loads(json.dumps(rec))
+        if delete:
+            rec.pop(k, None)
+        else:
+            rec[k] = v
+        return rec
+    return st.tuples(base, key, _json, st.booleans()).map(mutate)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(recs=st.lists(_mutations() | _json, max_size=4), kind=st.sampled_from(["sft", "pref", "ppo"]),
+       skip=st.booleans())
+def test_fuzz_loaders_only_raise_data_error(tok, root, recs, kind, skip):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=root, delete=False) as f:
+        json.dump(recs, f)
+    try:
+        out = _loader(kind, tok, root, f.name, skip)
+        assert skip or out.stats.n_skipped == 0
+        assert len(out) + out.stats.n_skipped + out.stats.n_too_long == len(recs)
+    except D.DataError as e:
+        assert not skip or e.index is None  # with skip, only file-level errors propagate
+        assert e.file == f.name
+    finally:
+        os.unlink(f.name)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(text=st.text(max_size=40) | st.sampled_from(["[", "{}", "[]", "null", "[1]", "NaN", '"x"', '{"a": "b"}']))
+def test_fuzz_raw_files(tok, root, text):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=root, delete=False) as f:
+        f.write(text)
+    try:
+        for fn in (lambda: D.load_sft(f.name, tok, NIT, 100), lambda: D.load_captions(f.name),
+                   lambda: D.load_ppo_prompts(f.name, tok, NIT, 100, None, skip_bad=True)):
+            try:
+                fn()
+            except D.DataError:
+                pass
+    finally:
+        os.unlink(f.name)
+
+
+# ---- images and collators ---------------------------------------------------------------------
+
+
+def test_load_image_pads_to_square_with_mean_color(root):
+    proc = D.make_image_processor(16)
+    x = D.load_image(root / "images" / "img1.png", proc, aspect="pad")  # 20x10 red -> 20x20
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    mean, std = torch.tensor(proc.image_mean), torch.tensor(proc.image_std)
+    pad = (torch.tensor([int(m * 255) for m in proc.image_mean]) / 255 - mean) / std
+    red = (torch.tensor([1.0, 0.0, 0.0]) - mean) / std
+    torch.testing.assert_close(x[:, 0, 0], pad, atol=0.02, rtol=0)  # top rows: padding
+    torch.testing.assert_close(x[:, 8, 8], red, atol=0.02, rtol=0)  # centre: the image
+    crop = D.load_image(root / "images" / "img1.png", proc, aspect="crop")
+    torch.testing.assert_close(crop[:, 0, 0], red, atol=0.02, rtol=0)  # cropped: no padding at all
+    with pytest.raises(D.DataError, match="not found"):
+        D.load_image(root / "images" / "nope.png", proc)
+
+
+def test_collators(tok, root):
+    caps = D.load_captions(root / "caps.json")
+    load = D.image_loader(str(root / "images"), D.make_image_processor(16))
+    pad = tok.pad_token_id
+    sft = D.load_sft(root / "sft.json", tok, NIT, 1000)
+    b = D.collate_sft([sft[2], sft[1]], pad, load)  # text-only first
+    T = max(len(sft[2].input_ids), len(sft[1].input_ids))
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (2, T)
+    n0 = len(sft[2].input_ids)
+    assert b["input_ids"][0, :n0].tolist() == sft[2].input_ids and (b["input_ids"][0, n0:] == pad).all()
+    assert (b["labels"][0, n0:] == -100).all() and b["attention_mask"][0].tolist() == [1] * n0 + [0] * (T - n0)
+    assert b["pixel_values"].shape == (1, 3, 16, 16) and b["has_image"].tolist() == [False, True]
+    torch.testing.assert_close(b["pixel_values"][0], load("img2.png"))
+    assert D.collate_sft([sft[2]], pad, None)["pixel_values"] is None
+    with pytest.raises(ValueError):
+        D.collate_sft([sft[1]], pad, None)
+
+    prefs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True)
+    pb = D.collate_preferences(prefs, pad, load)
+    assert pb["hallucination"].tolist() == [-1, 1, 0]
+    assert pb["chosen_input_ids"].shape == pb["rejected_input_ids"].shape
+    for k, e in enumerate(prefs):
+        n = len(e.rejected_ids)
+        assert pb["rejected_input_ids"][k, :n].tolist() == e.rejected_ids
+        assert pb["rejected_attention_mask"][k].sum() == n
+    assert pb["pixel_values"].shape[0] == 2
+
+    ppo = D.load_ppo_prompts(root / "ppo.json", tok, NIT, 1000, caps)
+    qb = D.collate_prompts(ppo, pad, load)
+    T = qb["input_ids"].shape[1]
+    for k, e in enumerate(ppo):  # left padding: every query ends at the last column
+        n = len(e.query_ids)
+        assert qb["input_ids"][k, T - n:].tolist() == e.query_ids and (qb["input_ids"][k, : T - n] == pad).all()
+        assert qb["attention_mask"][k].tolist() == [0] * (T - n) + [1] * n
+    assert qb["caption_type"].tolist() == list(range(1, 8)) and qb["length_bonus"].dtype == torch.float32
+    assert qb["pixel_values"].shape[0] == sum(e.image is not None for e in ppo)
+
+
+def test_text_corpus(root):
+    texts = list(D.text_corpus(root))
+    joined = "\n".join(texts)
+    for s in ("The circle is red.", "The correct option is B: red.", "Go away.", "Question number 7?", SYS,
+              "the quality score of my last response is"):
+        assert s in joined
+    assert "img1.png" not in joined and "<image>" not in joined
