@@ -114,6 +114,8 @@ class SFTConfig(TrainLoopConfig):
 
 @dataclass
 class RMConfig(TrainLoopConfig):
+    # The base quantized to NF4: empty = <run.out_dir>/sft/final if it exists, else model.checkpoint
+    base: str = ""
     fact_augmented: bool = True
     mean_reward_penalty: float = 0.0  # small L2 penalty keeping the mean reward near 0
     lr: float = 2e-5
@@ -123,6 +125,11 @@ class RMConfig(TrainLoopConfig):
 
 @dataclass
 class PPOConfig(TrainLoopConfig):
+    base: str = ""  # as rm.base
+    reward_adapter: str = ""  # empty = <run.out_dir>/rm/reward_adapter
+    fact_augmented: bool = True  # the RM prompt PPO builds (must match how the RM was trained)
+    save_merged: bool = False  # also write a merged llava-hf checkpoint of the policy
+    grouped_scoring: bool = True  # policy/reference/value rows in one pass over the base weights
     # rollout
     rollout_batch_size: int = 512
     rollout_chunk_size: int = 32  # prompts generated at once (memory bound)

@@ -1,0 +1,123 @@
+"""The fact-augmented reward model (``factrl rm``, ``make train-rm``).
+
+The SFT checkpoint, quantized to NF4, carries a ``reward`` LoRA adapter and a scalar head read
+at the last token of the RM prompt: conversation + response + (with ``fact_augmented``) the
+image's captions / multiple-choice truth, ending at "...the quality score of my last response
+is". Loss: Bradley–Terry, BCE-with-logits on r(chosen) − r(rejected), plus an optional small
+penalty keeping the mean reward near 0. Output: ``<out>/rm/reward_adapter`` in PEFT format
+with the head beside it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from factrl.trainers.common import autocast, resolve_device, seed_everything, stage_dir
+from factrl.trainers.config import Config
+from factrl.trainers.data import collate_preferences, load_captions, load_preferences
+from factrl.trainers.loop import supervised_loop
+from factrl.trainers.setup import load_assets, stage_base, to_device
+
+ROLE = "reward"
+
+
+def last_token_scores(model, head: str, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar head at each row's last real token (right padding): ``[B]`` fp32."""
+    last = attention_mask.long().sum(-1) - 1  # (B,)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return model.head(head, h[:, None]).squeeze(-1)
+
+
+def pair_rewards(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) ``[B]``: both responses in one ``[2B, T]`` pass, image features once."""
+    ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
+    mask = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])
+    feats = None
+    if b.get("pixel_values") is not None:
+        f = model.encode_images(b["pixel_values"])  # (n_img, P, H) — rows with an image, in order
+        feats = torch.cat([f, f])
+    with model.adapter(ROLE):
+        h = model(ids, mask, image_features=feats)
+    r = last_token_scores(model, ROLE, h, mask)
+    B = b["chosen_input_ids"].shape[0]
+    return r[:B], r[B:]
+
+
+def load_pairs(cfg: Config, a, file: str, fact_augmented: bool):
+    captions = load_captions(a.data_root / cfg.data.captions_file)
+    return load_preferences(a.data_root / file, a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, captions,
+                            fact_augmented, template=cfg.data.fact_template or None,
+                            skip_bad=cfg.data.skip_bad_records, image_folder=str(a.data_root / cfg.data.image_folder))
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, batch_size: int, pad_id: int, images, device) -> dict:
+    """Accuracy overall and on hallucination-flagged pairs, mean reward."""
+    was = model.training
+    model.eval()
+    rc, rr, hal = [], [], []
+    for i in range(0, len(pairs), batch_size):
+        b = to_device(collate_preferences(pairs[i:i + batch_size], pad_id, images), device)
+        c, r = pair_rewards(model, b)
+        rc.append(c.cpu())
+        rr.append(r.cpu())
+        hal.append(b["hallucination"].cpu())
+    model.train(was)
+    rc, rr, hal = torch.cat(rc), torch.cat(rr), torch.cat(hal)
+    win = (rc > rr).float()
+    flagged = hal == 1
+    return {"eval/acc": float(win.mean()), "eval/acc_hallucination": float(win[flagged].mean()) if flagged.any()
+            else float("nan"), "eval/n_hallucination": int(flagged.sum()),
+            "eval/mean_reward": float(torch.cat([rc, rr]).mean())}
+
+
+def train_rm(cfg: Config) -> dict:
+    # 1. device, seed
+    device = resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+
+    # 2. the SFT checkpoint as an NF4 base, a reward adapter and head
+    a = load_assets(cfg, stage_base(cfg, cfg.rm.base), quantize=cfg.model.quantize, device=device)
+    model, tok = a.model, a.tokenizer
+    model.requires_grad_(False)
+    lc = cfg.model.lora
+    model.add_adapter(ROLE, lc.r, lc.alpha, lc.dropout, lc.targets)
+    model.add_head(ROLE, zero_init=True)
+    params = model.adapter_parameters(ROLE) + list(model.heads[ROLE].parameters())
+    for p in params:
+        p.requires_grad_(True)
+
+    # 3. preference pairs, rendered as RM prompts (fact-augmented or vanilla)
+    fact = cfg.rm.fact_augmented
+    train = load_pairs(cfg, a, cfg.data.preference_file, fact)
+    held = load_pairs(cfg, a, cfg.data.preference_eval_file, fact)
+    print(f"[factrl] rm ({'fact-augmented' if fact else 'vanilla'}): {len(train)} train pairs, {len(held)} held-out")
+
+    # 4. Bradley–Terry loss over the global batch of pairs
+    def make_batch(idx):
+        return to_device(collate_preferences([train[i] for i in idx], tok.pad_token_id, a.images), device)
+
+    def count(b):
+        return float(b["chosen_input_ids"].shape[0])
+
+    def loss_fn(b, norm):
+        with autocast(device, cfg.model.dtype):
+            rc, rr = pair_rewards(model, b)
+        loss = F.binary_cross_entropy_with_logits(rc - rr, torch.ones_like(rc), reduction="sum")
+        if cfg.rm.mean_reward_penalty > 0:
+            loss = loss + cfg.rm.mean_reward_penalty * (0.5 * (rc + rr)).pow(2).sum()
+        return loss / norm, {"acc": float((rc > rr).float().sum()) / norm}
+
+    def eval_fn(step):
+        return evaluate_pairs(model, held, cfg.eval.batch_size, tok.pad_token_id, a.images, device)
+
+    metrics = supervised_loop(cfg, cfg.rm, "rm", model, params, len(train), make_batch, count, loss_fn, eval_fn,
+                              plot_keys=("loss", "acc", "eval/acc", "eval/acc_hallucination"))
+
+    # 5. the reward adapter + head in PEFT format
+    from factrl.model.io import save_adapter
+
+    out = stage_dir(cfg, "rm")
+    save_adapter(model, ROLE, out / "reward_adapter", base_path=str(a.base), heads=(ROLE,))
+    return {"stage": "rm", "fact_augmented": fact, "adapter": str(out / "reward_adapter"), **metrics}

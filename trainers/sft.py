@@ -1,0 +1,84 @@
+"""SFT: answer-only next-token loss on LLaVA conversations (``factrl sft``, ``make train-sft``).
+
+Modes: ``full`` trains the decoder, embeddings, lm_head and projector (the vision tower stays
+frozen — the original recipe); ``qlora`` trains a LoRA adapter (and the projector) on the NF4
+base. The loss reads token log-probs from ``factrl.kernels.logprobs`` — never a full-vocab
+log_softmax. Output: ``<out>/sft/final`` in llava-hf format (plus the PEFT adapter for qlora).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from factrl.kernels.logprobs import token_logprobs
+from factrl.trainers.common import autocast, resolve_device, seed_everything, stage_dir
+from factrl.trainers.config import Config
+from factrl.trainers.data import IGNORE_INDEX, collate_sft, load_sft
+from factrl.trainers.loop import supervised_loop
+from factrl.trainers.setup import ensure_base_checkpoint, load_assets, to_device
+
+ADAPTER = "sft"
+
+
+def sequence_logprobs(model, batch: dict, head_trainable: bool = False) -> torch.Tensor:
+    """log π(label_t+1 | ≤t) for every position ``[B, T-1]`` (0 where the label is ignored)."""
+    h = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch.get("pixel_values"))
+    w = model.lm_head.weight if head_trainable else model.lm_head.weight.detach()
+    return token_logprobs(h[:, :-1], w, batch["labels"][:, 1:], ignore_index=IGNORE_INDEX,
+                          weight_grad=head_trainable)
+
+
+def train_sft(cfg: Config) -> dict:
+    # 1. device, seed
+    device = resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    mode = cfg.sft.mode
+    if mode not in ("full", "qlora"):
+        raise ValueError(f"sft.mode={mode!r}: expected 'full' or 'qlora'")
+
+    # 2. model + data (the tiny preset makes its ShapesWorld data and base checkpoint on first use)
+    base = ensure_base_checkpoint(cfg)
+    a = load_assets(cfg, base, quantize=(mode == "qlora"), device=device)
+    model, tok = a.model, a.tokenizer
+    examples = load_sft(a.data_root / cfg.data.sft_file, tok, a.num_image_tokens, cfg.data.max_seq_len,
+                        skip_bad=cfg.data.skip_bad_records, image_folder=str(a.data_root / cfg.data.image_folder))
+    st = examples.stats
+    print(f"[factrl] sft: {st.n_loaded} examples from {st.file} ({st.n_too_long} too long, {st.n_skipped} skipped)")
+
+    # 3. what trains
+    model.requires_grad_(False)
+    if mode == "full":
+        for m in (model.layers, model.norm, model.embed_tokens, model.lm_head, model.projector):
+            m.requires_grad_(True)
+        active = None
+    else:
+        lc = cfg.model.lora
+        model.add_adapter(ADAPTER, lc.r, lc.alpha, lc.dropout, lc.targets)
+        model.projector.requires_grad_(True)
+        active = ADAPTER
+    head_trainable = model.lm_head.weight.requires_grad
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    # 4. the loss: mean negative log-likelihood over the answer tokens of the global batch
+    def make_batch(idx):
+        return to_device(collate_sft([examples[i] for i in idx], tok.pad_token_id, a.images), device)
+
+    def count(b):
+        return float((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss_fn(b, norm):
+        with model.adapter(active), autocast(device, cfg.model.dtype):
+            lp = sequence_logprobs(model, b, head_trainable)
+        return -lp.sum() / norm, {"tokens": count(b)}
+
+    # 5. optimise (resume, accumulation, DDP, NaN guard, checkpoints: trainers/loop.py)
+    metrics = supervised_loop(cfg, cfg.sft, "sft", model, params, len(examples), make_batch, count, loss_fn)
+
+    # 6. the SFT checkpoint in llava-hf format (+ the adapter in PEFT format for qlora)
+    out = stage_dir(cfg, "sft")
+    from factrl.model.io import save_adapter, save_llava_hf
+
+    if mode == "qlora":
+        save_adapter(model, ADAPTER, out / "adapter", base_path=str(base))
+    save_llava_hf(model, out / "final", tok, a.processor, merge_adapter=ADAPTER if mode == "qlora" else None)
+    return {"stage": "sft", "final": str(out / "final"), **metrics}
