@@ -6,47 +6,98 @@ import tempfile
 
 import pytest
 import torch
+from factrl.model.tokenizer import build_tokenizer
+from factrl.trainers import data as D
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from factrl.model.tokenizer import build_tokenizer
-from factrl.trainers import data as D
 
 NIT = 4  # image tokens per image in these tests
 SYS = D.SYSTEM_PROMPT
 
 SFT = [
-    {"id": "a", "image": "img1.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat color is the circle?"},
-        {"from": "gpt", "value": "The circle is red."}]},
-    {"id": "b", "image": "img2.png", "conversations": [  # multi-turn, placeholder after the text
-        {"from": "human", "value": "What is here?\n<image>"}, {"from": "gpt", "value": "A star."},
-        {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "No."}]},
-    {"id": "c", "conversations": [  # text-only
-        {"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}]},
-    {"image": "img1.png", "conversations": [  # image but no placeholder: LLaVA puts it in front
-        {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A red circle."}]},
+    {
+        "id": "a",
+        "image": "img1.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the circle?"},
+            {"from": "gpt", "value": "The circle is red."},
+        ],
+    },
+    {
+        "id": "b",
+        "image": "img2.png",
+        "conversations": [  # multi-turn, placeholder after the text
+            {"from": "human", "value": "What is here?\n<image>"},
+            {"from": "gpt", "value": "A star."},
+            {"from": "human", "value": "Is it big?"},
+            {"from": "gpt", "value": "No."},
+        ],
+    },
+    {
+        "id": "c",
+        "conversations": [  # text-only
+            {"from": "human", "value": "Hello there"},
+            {"from": "gpt", "value": "Hi."},
+        ],
+    },
+    {
+        "image": "img1.png",
+        "conversations": [  # image but no placeholder: LLaVA puts it in front
+            {"from": "human", "value": "Describe it."},
+            {"from": "gpt", "value": "A red circle."},
+        ],
+    },
 ]
-CAPTIONS = {"img1.png": ["A red circle is at the top.", "The background is white."],
-            "aok_img1.png": ["The correct option is B: red."],
-            "img2.png": "A big blue star."}  # a lone string is one caption
+CAPTIONS = {
+    "img1.png": ["A red circle is at the top.", "The background is white."],
+    "aok_img1.png": ["The correct option is B: red."],
+    "img2.png": "A big blue star.",
+}  # a lone string is one caption
 PREF = [
-    {"id": "p0", "image": "img1.png",
-     "conversations": [{"from": "human", "value": "<image>\nWhat color is the circle?"},
-                       {"from": "gpt", "value": "The circle is red."}],
-     "output_1": {"value": "The circle is blue."}, "output_2": {"value": "The circle is red."},
-     "preference": 2},  # no "hallucination" key
-    {"id": "p1", "image": "img2.png",
-     "conversations": [{"from": "human", "value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "A star."},
-                       {"from": "human", "value": "Is it big?"}],  # ends with the human turn
-     "output_1": {"value": "Yes."}, "output_2": {"value": "No."}, "preference": 1, "hallucination": True},
-    {"id": "p2", "conversations": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}],
-     "output_1": {"value": "Hi."}, "output_2": {"value": "Go away."}, "preference": 1, "hallucination": False},
+    {
+        "id": "p0",
+        "image": "img1.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the circle?"},
+            {"from": "gpt", "value": "The circle is red."},
+        ],
+        "output_1": {"value": "The circle is blue."},
+        "output_2": {"value": "The circle is red."},
+        "preference": 2,
+    },  # no "hallucination" key
+    {
+        "id": "p1",
+        "image": "img2.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is here?"},
+            {"from": "gpt", "value": "A star."},
+            {"from": "human", "value": "Is it big?"},
+        ],  # ends with the human turn
+        "output_1": {"value": "Yes."},
+        "output_2": {"value": "No."},
+        "preference": 1,
+        "hallucination": True,
+    },
+    {
+        "id": "p2",
+        "conversations": [{"from": "human", "value": "Hello there"}, {"from": "gpt", "value": "Hi."}],
+        "output_1": {"value": "Hi."},
+        "output_2": {"value": "Go away."},
+        "preference": 1,
+        "hallucination": False,
+    },
 ]
-PPO = [{"id": f"q{ct}", "image": "img1.png" if ct % 2 else None,
+PPO = [
+    {
+        "id": f"q{ct}",
+        "image": "img1.png" if ct % 2 else None,
         "conversations": [{"from": "human", "value": f"Question number {ct}?"}],
-        "caption_type": ct, "length_bonus": 0.5 * ct} for ct in range(1, 8)]
+        "caption_type": ct,
+        "length_bonus": 0.5 * ct,
+    }
+    for ct in range(1, 8)
+]
 for r in PPO:
     if r["image"] is None:
         del r["image"]
@@ -83,9 +134,15 @@ def test_sft_labels_mask_exactly_the_assistant_tokens(tok, root):
     assert [e.id for e in exs] == ["a", "b", "c", "3"] and exs.stats.n_loaded == 4
     img, bos, eos, M = tok.convert_tokens_to_ids("<image>"), tok.bos_token_id, tok.eos_token_id, -100
     e = exs[1]
-    parts = [([bos], False), (enc(tok, f"{SYS} USER: What is here?"), False), ([img] * NIT, False),
-             (enc(tok, "ASSISTANT:"), False), (enc(tok, "A star.") + [eos], True),
-             (enc(tok, "USER: Is it big? ASSISTANT:"), False), (enc(tok, "No.") + [eos], True)]
+    parts = [
+        ([bos], False),
+        (enc(tok, f"{SYS} USER: What is here?"), False),
+        ([img] * NIT, False),
+        (enc(tok, "ASSISTANT:"), False),
+        (enc(tok, "A star.") + [eos], True),
+        (enc(tok, "USER: Is it big? ASSISTANT:"), False),
+        (enc(tok, "No.") + [eos], True),
+    ]
     want_ids = [t for p, _ in parts for t in p]
     want_labels = [t if train else M for p, train in parts for t in p]
     assert e.input_ids == want_ids
@@ -96,7 +153,9 @@ def test_sft_labels_mask_exactly_the_assistant_tokens(tok, root):
     assert trained == enc(tok, "A star.") + [eos] + enc(tok, "No.") + [eos]
     # text-only: no image tokens at all
     assert img not in exs[2].input_ids and exs[2].image is None
-    assert exs[2].input_ids == [bos] + enc(tok, f"{SYS} USER: Hello there ASSISTANT:") + enc(tok, "Hi.") + [eos]
+    assert exs[2].input_ids == [bos] + enc(tok, f"{SYS} USER: Hello there ASSISTANT:") + enc(tok, "Hi.") + [
+        eos
+    ]
     # a record with an image but no placeholder gets the image tokens in front of the text
     assert exs[3].input_ids[: len(enc(tok, f"{SYS} USER:")) + 1 + NIT][-NIT:] == [img] * NIT
     assert exs[0].input_ids.count(img) == NIT
@@ -122,8 +181,12 @@ def test_preferences_fact_augmented_and_vanilla(tok, root):
     exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True)
     assert [e.hallucination for e in exs] == [None, True, False]
     e0 = exs[0]
-    prefix = [tok.bos_token_id] + enc(tok, f"{SYS} USER:") + [tok.convert_tokens_to_ids("<image>")] * NIT + \
-        enc(tok, "What color is the circle? ASSISTANT:")
+    prefix = (
+        [tok.bos_token_id]
+        + enc(tok, f"{SYS} USER:")
+        + [tok.convert_tokens_to_ids("<image>")] * NIT
+        + enc(tok, "What color is the circle? ASSISTANT:")
+    )
     facts = "A red circle is at the top.\nThe background is white.\nThe correct option is B: red."
     suffix_text = D.load_template(None, True).replace("{captions}", facts)
     assert e0.chosen_ids == prefix + enc(tok, "The circle is red.") + enc(tok, suffix_text)  # preference 2
@@ -139,7 +202,9 @@ def test_preferences_fact_augmented_and_vanilla(tok, root):
     assert "circle is at the top" not in tok.decode(exs[2].chosen_ids)
     van = D.load_preferences(root / "pref.json", tok, NIT, 1000, None, fact_augmented=False)
     vt = tok.decode(van[0].chosen_ids)
-    assert "A red circle is at the top." not in vt and vt.rstrip().endswith("the quality score of my last response is")
+    assert "A red circle is at the top." not in vt and vt.rstrip().endswith(
+        "the quality score of my last response is"
+    )
     assert van[0].chosen_ids[: len(prefix)] == prefix
 
 
@@ -152,7 +217,9 @@ def test_custom_template_file_and_text(tok, root, tmp_path):
     assert a[0].chosen_ids == b[0].chosen_ids
     assert "Facts:" in tok.decode(a[0].chosen_ids)
     with pytest.raises(ValueError, match="captions"):
-        D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="USER: no block\nASSISTANT: x")
+        D.load_preferences(
+            root / "pref.json", tok, NIT, 1000, caps, True, template="USER: no block\nASSISTANT: x"
+        )
 
 
 def test_build_rm_input_matches_rm_training_layout(tok, root):
@@ -171,7 +238,7 @@ def test_render_query_is_the_sft_prefix(tok, root):
     exs = D.load_sft(root / "sft.json", tok, NIT, 1000)
     q = D.render_query(tok, "<image>\nWhat color is the circle?", NIT, has_image=True)
     assert exs[0].input_ids[: len(q)] == q and exs[0].labels[: len(q)] == [-100] * len(q)
-    assert q[-len(enc(tok, "ASSISTANT:")):] == enc(tok, "ASSISTANT:")
+    assert q[-len(enc(tok, "ASSISTANT:")) :] == enc(tok, "ASSISTANT:")
     assert D.render_query(tok, "What color is the circle?", NIT, has_image=True) == q
     with pytest.raises(ValueError):
         D.render_query(tok, "<image> hi", NIT, has_image=False)
@@ -183,7 +250,7 @@ def test_ppo_prompts_every_caption_type(tok, root):
     assert [e.caption_type for e in exs] == list(range(1, 8))
     assert [e.length_bonus for e in exs] == [0.5 * c for c in range(1, 8)]
     for e in exs:
-        assert e.query_ids[-len(enc(tok, "ASSISTANT:")):] == enc(tok, "ASSISTANT:")
+        assert e.query_ids[-len(enc(tok, "ASSISTANT:")) :] == enc(tok, "ASSISTANT:")
         if e.image:
             assert e.captions == CAPTIONS["img1.png"] + CAPTIONS["aok_img1.png"]
             assert e.query_ids.count(tok.convert_tokens_to_ids("<image>")) == NIT
@@ -196,12 +263,27 @@ def test_ppo_prompts_every_caption_type(tok, root):
     assert len(short) + short.stats.n_too_long == 7
 
 
-@pytest.mark.parametrize("text,ct,want", [
-    ("Anything at all.", 1, None), ("A", 2, True), ("B. red", 3, True), ("(C) green", 4, True),
-    ("The answer is D.", 5, True), ("B", 2, False), ("", 3, False), ("A red circle.", 3, False),
-    ("No.", 6, True), ("No, there is not.", 6, True), ("Yes.", 6, False), ("Yes.", 7, True),
-    ("Yes, it is red.", 7, True), ("No.", 7, False), ("Maybe.", 7, False), ("", 7, False),
-])
+@pytest.mark.parametrize(
+    "text,ct,want",
+    [
+        ("Anything at all.", 1, None),
+        ("A", 2, True),
+        ("B. red", 3, True),
+        ("(C) green", 4, True),
+        ("The answer is D.", 5, True),
+        ("B", 2, False),
+        ("", 3, False),
+        ("A red circle.", 3, False),
+        ("No.", 6, True),
+        ("No, there is not.", 6, True),
+        ("Yes.", 6, False),
+        ("Yes.", 7, True),
+        ("Yes, it is red.", 7, True),
+        ("No.", 7, False),
+        ("Maybe.", 7, False),
+        ("", 7, False),
+    ],
+)
 def test_is_correct(text, ct, want):
     assert D.is_correct(text, ct) is want
 
@@ -230,9 +312,15 @@ def _bad_cases():
     ppo_ct[1]["caption_type"] = 9
     sft_turn = json.loads(json.dumps(SFT))
     sft_turn[1]["conversations"][1]["from"] = "human"
-    return [("sft", sft_missing, "conversations"), ("sft", sft_img, "image"), ("pref", pref_bad, "preference"),
-            ("pref", pref_missing, "output_2"), ("ppo", ppo_missing, "caption_type"),
-            ("ppo", ppo_ct, "caption_type"), ("sft", sft_turn, "conversations[1].from")]
+    return [
+        ("sft", sft_missing, "conversations"),
+        ("sft", sft_img, "image"),
+        ("pref", pref_bad, "preference"),
+        ("pref", pref_missing, "output_2"),
+        ("ppo", ppo_missing, "caption_type"),
+        ("ppo", ppo_ct, "caption_type"),
+        ("sft", sft_turn, "conversations[1].from"),
+    ]
 
 
 def _loader(kind, tok, root, path, skip):
@@ -281,18 +369,54 @@ def test_missing_captions_for_image_is_an_error(tok, root):
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=True) | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 10)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
     | st.sampled_from(["human", "gpt", "<image>", "img1.png", "nope.png", "value", "from"]),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(
-        st.sampled_from(["id", "image", "conversations", "from", "value", "output_1", "output_2", "preference",
-                         "hallucination", "caption_type", "length_bonus", "x"]), c, max_size=6),
-    max_leaves=20)
+    lambda c: (
+        st.lists(c, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "id",
+                    "image",
+                    "conversations",
+                    "from",
+                    "value",
+                    "output_1",
+                    "output_2",
+                    "preference",
+                    "hallucination",
+                    "caption_type",
+                    "length_bonus",
+                    "x",
+                ]
+            ),
+            c,
+            max_size=6,
+        )
+    ),
+    max_leaves=20,
+)
 
 
 def _mutations():
     base = st.sampled_from(SFT + PREF + PPO)
-    key = st.sampled_from(["id", "image", "conversations", "output_1", "output_2", "preference", "hallucination",
-                           "caption_type", "length_bonus"])
+    key = st.sampled_from(
+        [
+            "id",
+            "image",
+            "conversations",
+            "output_1",
+            "output_2",
+            "preference",
+            "hallucination",
+            "caption_type",
+            "length_bonus",
+        ]
+    )
 
     def mutate(args):
         rec, k, v, delete = args
@@ -302,12 +426,16 @@ def _mutations():
         else:
             rec[k] = v
         return rec
+
     return st.tuples(base, key, _json, st.booleans()).map(mutate)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(recs=st.lists(_mutations() | _json, max_size=4), kind=st.sampled_from(["sft", "pref", "ppo"]),
-       skip=st.booleans())
+@given(
+    recs=st.lists(_mutations() | _json, max_size=4),
+    kind=st.sampled_from(["sft", "pref", "ppo"]),
+    skip=st.booleans(),
+)
 def test_fuzz_loaders_only_raise_data_error(tok, root, recs, kind, skip):
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=root, delete=False) as f:
         json.dump(recs, f)
@@ -323,13 +451,18 @@ def test_fuzz_loaders_only_raise_data_error(tok, root, recs, kind, skip):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(text=st.text(max_size=40) | st.sampled_from(["[", "{}", "[]", "null", "[1]", "NaN", '"x"', '{"a": "b"}']))
+@given(
+    text=st.text(max_size=40) | st.sampled_from(["[", "{}", "[]", "null", "[1]", "NaN", '"x"', '{"a": "b"}'])
+)
 def test_fuzz_raw_files(tok, root, text):
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=root, delete=False) as f:
         f.write(text)
     try:
-        for fn in (lambda: D.load_sft(f.name, tok, NIT, 100), lambda: D.load_captions(f.name),
-                   lambda: D.load_ppo_prompts(f.name, tok, NIT, 100, None, skip_bad=True)):
+        for fn in (
+            lambda: D.load_sft(f.name, tok, NIT, 100),
+            lambda: D.load_captions(f.name),
+            lambda: D.load_ppo_prompts(f.name, tok, NIT, 100, None, skip_bad=True),
+        ):
             try:
                 fn()
             except D.DataError:
@@ -366,7 +499,9 @@ def test_collators(tok, root):
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (2, T)
     n0 = len(sft[2].input_ids)
     assert b["input_ids"][0, :n0].tolist() == sft[2].input_ids and (b["input_ids"][0, n0:] == pad).all()
-    assert (b["labels"][0, n0:] == -100).all() and b["attention_mask"][0].tolist() == [1] * n0 + [0] * (T - n0)
+    assert (b["labels"][0, n0:] == -100).all() and b["attention_mask"][0].tolist() == [1] * n0 + [0] * (
+        T - n0
+    )
     assert b["pixel_values"].shape == (1, 3, 16, 16) and b["has_image"].tolist() == [False, True]
     torch.testing.assert_close(b["pixel_values"][0], load("img2.png"))
     assert D.collate_sft([sft[2]], pad, None)["pixel_values"] is None
@@ -388,7 +523,9 @@ def test_collators(tok, root):
     T = qb["input_ids"].shape[1]
     for k, e in enumerate(ppo):  # left padding: every query ends at the last column
         n = len(e.query_ids)
-        assert qb["input_ids"][k, T - n:].tolist() == e.query_ids and (qb["input_ids"][k, : T - n] == pad).all()
+        assert (
+            qb["input_ids"][k, T - n :].tolist() == e.query_ids and (qb["input_ids"][k, : T - n] == pad).all()
+        )
         assert qb["attention_mask"][k].tolist() == [0] * (T - n) + [1] * n
     assert qb["caption_type"].tolist() == list(range(1, 8)) and qb["length_bonus"].dtype == torch.float32
     assert qb["pixel_values"].shape[0] == sum(e.image is not None for e in ppo)
@@ -397,7 +534,13 @@ def test_collators(tok, root):
 def test_text_corpus(root):
     texts = list(D.text_corpus(root))
     joined = "\n".join(texts)
-    for s in ("The circle is red.", "The correct option is B: red.", "Go away.", "Question number 7?", SYS,
-              "the quality score of my last response is"):
+    for s in (
+        "The circle is red.",
+        "The correct option is B: red.",
+        "Go away.",
+        "Question number 7?",
+        SYS,
+        "the quality score of my last response is",
+    ):
         assert s in joined
     assert "img1.png" not in joined and "<image>" not in joined

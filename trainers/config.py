@@ -170,7 +170,7 @@ class PPOConfig(TrainLoopConfig):
 class EvalConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
-    n_pope: int = 0  # 0 = all
+    max_items: int = 0  # cap on each held-out set (0 = all)
 
 
 @dataclass

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,8 +42,10 @@ import torch
 
 log = logging.getLogger("factrl.data")
 
-SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -176,7 +179,9 @@ def _conversations(rec: dict, f, i, has_image: bool) -> list[tuple[str, str]]:
         if not isinstance(val, str):
             raise DataError(f, i, f"conversations[{j}].value", f"expected a string, got {type(val).__name__}")
         if IMAGE_TOKEN in val and j != 0:
-            raise DataError(f, i, f"conversations[{j}].value", f"{IMAGE_TOKEN} allowed only in the first human turn")
+            raise DataError(
+                f, i, f"conversations[{j}].value", f"{IMAGE_TOKEN} allowed only in the first human turn"
+            )
         turns.append((who, val))
     n_img = turns[0][1].count(IMAGE_TOKEN)
     if n_img > 1:
@@ -198,6 +203,25 @@ def _image_id(tokenizer) -> int:
     return tid
 
 
+# Memo of encoded pieces per tokenizer: datasets repeat the same answers/questions many times and
+# one HF encode call costs ~0.15 ms in Python overhead. Weak keys: dropped with the tokenizer.
+_ENC_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ENC_CACHE_MAX = 200_000
+
+
+def _encode_piece(tokenizer, text: str) -> list[int]:
+    try:
+        memo = _ENC_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable / hashable: no memo
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids = memo.get(text)
+    if ids is None:
+        if len(memo) > _ENC_CACHE_MAX:
+            memo.clear()
+        ids = memo[text] = tuple(tokenizer.encode(text, add_special_tokens=False))
+    return list(ids)
+
+
 def encode_segment(tokenizer, text: str, num_image_tokens: int) -> list[int]:
     """ids of one text segment; each ``<image>`` -> ``num_image_tokens`` image ids. Text around
     the placeholder is stripped (the tokenizer re-adds one leading "▁" per piece)."""
@@ -208,7 +232,7 @@ def encode_segment(tokenizer, text: str, num_image_tokens: int) -> list[int]:
             ids += [_image_id(tokenizer)] * num_image_tokens
         part = part.strip()
         if part:
-            ids += tokenizer.encode(part, add_special_tokens=False)
+            ids += _encode_piece(tokenizer, part)
     return ids
 
 
@@ -220,8 +244,9 @@ def _human_segment(human: str, first: bool, system: str) -> str:
     return (f"{system} USER: " if first else "USER: ") + human.strip() + " ASSISTANT:"
 
 
-def render_conversation(tokenizer, turns: list[tuple[str, str]], num_image_tokens: int,
-                        system: str = SYSTEM_PROMPT) -> tuple[list[int], list[int]]:
+def render_conversation(
+    tokenizer, turns: list[tuple[str, str]], num_image_tokens: int, system: str = SYSTEM_PROMPT
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of alternating (from, value) turns; labels only on gpt turns + eos."""
     ids, labels = _bos(tokenizer), [IGNORE_INDEX] * len(_bos(tokenizer))
     for j, (who, val) in enumerate(turns):
@@ -236,14 +261,17 @@ def render_conversation(tokenizer, turns: list[tuple[str, str]], num_image_token
     return ids, labels
 
 
-def render_query(tokenizer, human_text: str, num_image_tokens: int, has_image: bool,
-                 system: str = SYSTEM_PROMPT) -> list[int]:
+def render_query(
+    tokenizer, human_text: str, num_image_tokens: int, has_image: bool, system: str = SYSTEM_PROMPT
+) -> list[int]:
     """[bos] + enc(system USER: human ASSISTANT:) - the generation prompt for one question."""
     if has_image and IMAGE_TOKEN not in human_text:
         human_text = f"{IMAGE_TOKEN}\n{human_text}"
     if not has_image and IMAGE_TOKEN in human_text:
         raise ValueError(f"human text has {IMAGE_TOKEN} but has_image=False")
-    return _bos(tokenizer) + encode_segment(tokenizer, _human_segment(human_text, True, system), num_image_tokens)
+    return _bos(tokenizer) + encode_segment(
+        tokenizer, _human_segment(human_text, True, system), num_image_tokens
+    )
 
 
 @lru_cache(maxsize=16)
@@ -256,14 +284,18 @@ def load_template(template: Optional[str] = None, fact_augmented: bool = True) -
     (templates/fact_rm.txt or vanilla_rm.txt); a path to an existing file -> its text; otherwise
     the template text itself. A fact template must contain ``{captions}`` (one caption per line)."""
     if not template:
-        text = _read_template_file(str(TEMPLATE_DIR / ("fact_rm.txt" if fact_augmented else "vanilla_rm.txt")))
+        text = _read_template_file(
+            str(TEMPLATE_DIR / ("fact_rm.txt" if fact_augmented else "vanilla_rm.txt"))
+        )
     elif "\n" not in template and len(template) < 4096 and os.path.isfile(template):
         text = _read_template_file(template)
     else:
         text = template
     text = text.strip()
     if fact_augmented and CAPTIONS_PLACEHOLDER not in text:
-        raise ValueError(f"fact-augmented RM template needs a {CAPTIONS_PLACEHOLDER} placeholder: {text[:80]!r}")
+        raise ValueError(
+            f"fact-augmented RM template needs a {CAPTIONS_PLACEHOLDER} placeholder: {text[:80]!r}"
+        )
     return text
 
 
@@ -275,8 +307,14 @@ def rm_suffix(captions: list[str], fact_augmented: bool, template: Optional[str]
     return text
 
 
-def build_rm_input(tokenizer, query_ids: list[int], response_ids: list[int], captions: list[str],
-                   fact_augmented: bool, template: Optional[str] = None) -> list[int]:
+def build_rm_input(
+    tokenizer,
+    query_ids: list[int],
+    response_ids: list[int],
+    captions: list[str],
+    fact_augmented: bool,
+    template: Optional[str] = None,
+) -> list[int]:
     """RM input for PPO: query + response (trailing eos/pad removed; leading pad of a left-padded
     query removed) + the (fact) prompt suffix - the same layout ``load_preferences`` trains on."""
     specials = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
@@ -323,15 +361,29 @@ def _load(path, skip_bad: bool, one: Callable[[Any, int], Any]) -> Examples:
             out.append(ex)
     st.n_loaded = len(out)
     if st.n_skipped or st.n_too_long:
-        log.info("%s: loaded %d of %d records (%d bad skipped, %d too long dropped)", path, st.n_loaded,
-                 st.n_records, st.n_skipped, st.n_too_long)
+        log.info(
+            "%s: loaded %d of %d records (%d bad skipped, %d too long dropped)",
+            path,
+            st.n_loaded,
+            st.n_records,
+            st.n_skipped,
+            st.n_too_long,
+        )
     return out
 
 
-def load_sft(path, tokenizer, num_image_tokens: int, max_len: int, skip_bad: bool = False,
-             image_folder: Optional[str] = None, system: str = SYSTEM_PROMPT) -> Examples:
+def load_sft(
+    path,
+    tokenizer,
+    num_image_tokens: int,
+    max_len: int,
+    skip_bad: bool = False,
+    image_folder: Optional[str] = None,
+    system: str = SYSTEM_PROMPT,
+) -> Examples:
     """SFT conversations -> [SFTExample]. Longer than ``max_len`` tokens: dropped and counted.
     ``image_folder``: when given, every record's image file must exist there."""
+
     def one(rec, i):
         img = _record_image(rec, path, i, image_folder)
         turns = _conversations(rec, path, i, img is not None)
@@ -341,6 +393,7 @@ def load_sft(path, tokenizer, num_image_tokens: int, max_len: int, skip_bad: boo
         if len(ids) > max_len:
             return None
         return SFTExample(input_ids=ids, labels=labels, image=img, id=_record_id(rec, path, i))
+
     return _load(path, skip_bad, one)
 
 
@@ -351,9 +404,18 @@ def _output(rec, key, f, i) -> str:
     return o["value"]
 
 
-def load_preferences(path, tokenizer, num_image_tokens: int, max_len: int, captions: Optional[dict],
-                     fact_augmented: bool, template: Optional[str] = None, skip_bad: bool = False,
-                     image_folder: Optional[str] = None, system: str = SYSTEM_PROMPT) -> Examples:
+def load_preferences(
+    path,
+    tokenizer,
+    num_image_tokens: int,
+    max_len: int,
+    captions: Optional[dict],
+    fact_augmented: bool,
+    template: Optional[str] = None,
+    skip_bad: bool = False,
+    image_folder: Optional[str] = None,
+    system: str = SYSTEM_PROMPT,
+) -> Examples:
     """Preference pairs -> [PreferenceExample]; chosen/rejected ids are complete RM inputs
     (conversation + output + prompt suffix with the image's captions when ``fact_augmented``)."""
     if fact_augmented and captions is None:
@@ -382,8 +444,14 @@ def load_preferences(path, tokenizer, num_image_tokens: int, max_len: int, capti
         if max(len(ids1), len(ids2)) > max_len:
             return None
         chosen, rejected = (ids1, ids2) if pref == 1 else (ids2, ids1)
-        return PreferenceExample(chosen_ids=chosen, rejected_ids=rejected, image=img,
-                                 hallucination=None if h is None else bool(h), id=_record_id(rec, path, i))
+        return PreferenceExample(
+            chosen_ids=chosen,
+            rejected_ids=rejected,
+            image=img,
+            hallucination=None if h is None else bool(h),
+            id=_record_id(rec, path, i),
+        )
+
     return _load(path, skip_bad, one)
 
 
@@ -403,11 +471,19 @@ def load_captions(path) -> dict[str, list[str]]:
     return out
 
 
-def load_ppo_prompts(path, tokenizer, num_image_tokens: int, max_prompt_len: int, captions: Optional[dict],
-                     skip_bad: bool = False, image_folder: Optional[str] = None,
-                     system: str = SYSTEM_PROMPT) -> Examples:
+def load_ppo_prompts(
+    path,
+    tokenizer,
+    num_image_tokens: int,
+    max_prompt_len: int,
+    captions: Optional[dict],
+    skip_bad: bool = False,
+    image_folder: Optional[str] = None,
+    system: str = SYSTEM_PROMPT,
+) -> Examples:
     """PPO prompts -> [PromptExample] (query ends with "ASSISTANT:"); prompts longer than
     ``max_prompt_len`` are dropped and counted (``.stats.n_too_long``, logged)."""
+
     def one(rec, i):
         img = _record_image(rec, path, i, image_folder)
         turns = _conversations(rec, path, i, img is not None)
@@ -421,8 +497,16 @@ def load_ppo_prompts(path, tokenizer, num_image_tokens: int, max_prompt_len: int
         q = render_query(tokenizer, turns[0][1], num_image_tokens, img is not None, system)
         if len(q) > max_prompt_len:
             return None
-        return PromptExample(query_ids=q, image=img, caption_type=ct, length_bonus=float(lb), captions=facts,
-                             human=turns[0][1], id=_record_id(rec, path, i))
+        return PromptExample(
+            query_ids=q,
+            image=img,
+            caption_type=ct,
+            length_bonus=float(lb),
+            captions=facts,
+            human=turns[0][1],
+            id=_record_id(rec, path, i),
+        )
+
     return _load(path, skip_bad, one)
 
 
@@ -458,9 +542,17 @@ def make_image_processor(image_size: int):
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-               do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True, do_convert_rgb=True,
-               image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD))
+    return cls(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
 
 
 def expand2square(img, background: tuple[int, int, int]):
@@ -498,11 +590,15 @@ def load_image(path, processor, aspect: str = "pad") -> torch.Tensor:
     return processor(images=img, return_tensors="pt")["pixel_values"][0].float()
 
 
-def image_loader(image_folder, processor, aspect: str = "pad", cache_size: int = 4096) -> Callable[[str], torch.Tensor]:
+def image_loader(
+    image_folder, processor, aspect: str = "pad", cache_size: int = 4096
+) -> Callable[[str], torch.Tensor]:
     """file name -> pixel values, with an LRU cache (ShapesWorld reuses every image many times)."""
+
     @lru_cache(maxsize=cache_size)
     def load(name: str) -> torch.Tensor:
         return load_image(os.path.join(image_folder, name), processor, aspect)
+
     return load
 
 
@@ -515,9 +611,9 @@ def _pad(seqs: list[list[int]], value: int, left: bool = False, length: Optional
     for b, s in enumerate(seqs):
         if s:
             if left:
-                out[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+                out[b, T - len(s) :] = torch.tensor(s, dtype=torch.long)
             else:
-                out[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+                out[b, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 
@@ -534,46 +630,63 @@ def _pixels(examples, images) -> Optional[torch.Tensor]:
     return torch.stack([images(n) for n in names])  # (n_img, 3, H, W), batch order
 
 
-def collate_sft(examples: list[SFTExample], pad_id: int, images: Optional[Callable[[str], torch.Tensor]] = None) -> dict:
+def collate_sft(
+    examples: list[SFTExample], pad_id: int, images: Optional[Callable[[str], torch.Tensor]] = None
+) -> dict:
     """Right-padded batch: input_ids/attention_mask/labels (B, T) long (labels -100 on padding),
     pixel_values (n_img, 3, H, W) for the examples that have an image (batch order) or None,
     has_image (B,) bool."""
     ids = [e.input_ids for e in examples]
     x = _pad(ids, pad_id)
-    return {"input_ids": x, "attention_mask": _mask(ids, x.shape[1]),
-            "labels": _pad([e.labels for e in examples], IGNORE_INDEX, length=x.shape[1]),
-            "pixel_values": _pixels(examples, images),
-            "has_image": torch.tensor([e.image is not None for e in examples])}
+    return {
+        "input_ids": x,
+        "attention_mask": _mask(ids, x.shape[1]),
+        "labels": _pad([e.labels for e in examples], IGNORE_INDEX, length=x.shape[1]),
+        "pixel_values": _pixels(examples, images),
+        "has_image": torch.tensor([e.image is not None for e in examples]),
+    }
 
 
-def collate_preferences(examples: list[PreferenceExample], pad_id: int,
-                        images: Optional[Callable[[str], torch.Tensor]] = None) -> dict:
+def collate_preferences(
+    examples: list[PreferenceExample], pad_id: int, images: Optional[Callable[[str], torch.Tensor]] = None
+) -> dict:
     """chosen_input_ids/chosen_attention_mask and rejected_* (B, T), right-padded to ONE common T
     (so a trainer may concatenate them into 2B rows); pixel_values as in collate_sft (one per
     example, shared by its two responses); hallucination (B,) long: -1 unknown, 0, 1."""
     c = [e.chosen_ids for e in examples]
     r = [e.rejected_ids for e in examples]
     T = max(len(s) for s in c + r)
-    return {"chosen_input_ids": _pad(c, pad_id, length=T), "chosen_attention_mask": _mask(c, T),
-            "rejected_input_ids": _pad(r, pad_id, length=T), "rejected_attention_mask": _mask(r, T),
-            "pixel_values": _pixels(examples, images),
-            "has_image": torch.tensor([e.image is not None for e in examples]),
-            "hallucination": torch.tensor([-1 if e.hallucination is None else int(e.hallucination) for e in examples])}
+    return {
+        "chosen_input_ids": _pad(c, pad_id, length=T),
+        "chosen_attention_mask": _mask(c, T),
+        "rejected_input_ids": _pad(r, pad_id, length=T),
+        "rejected_attention_mask": _mask(r, T),
+        "pixel_values": _pixels(examples, images),
+        "has_image": torch.tensor([e.image is not None for e in examples]),
+        "hallucination": torch.tensor(
+            [-1 if e.hallucination is None else int(e.hallucination) for e in examples]
+        ),
+    }
 
 
-def collate_prompts(examples: list[PromptExample], pad_id: int,
-                    images: Optional[Callable[[str], torch.Tensor]] = None) -> dict:
+def collate_prompts(
+    examples: list[PromptExample], pad_id: int, images: Optional[Callable[[str], torch.Tensor]] = None
+) -> dict:
     """LEFT-padded queries for generation: input_ids/attention_mask (B, T); pixel_values;
     caption_type (B,) long; length_bonus (B,) float32; has_image (B,) bool; captions and ids as
     plain lists (for build_rm_input / logging)."""
     q = [e.query_ids for e in examples]
     x = _pad(q, pad_id, left=True)
-    return {"input_ids": x, "attention_mask": _mask(q, x.shape[1], left=True),
-            "pixel_values": _pixels(examples, images),
-            "has_image": torch.tensor([e.image is not None for e in examples]),
-            "caption_type": torch.tensor([e.caption_type for e in examples], dtype=torch.long),
-            "length_bonus": torch.tensor([e.length_bonus for e in examples], dtype=torch.float32),
-            "captions": [e.captions for e in examples], "ids": [e.id for e in examples]}
+    return {
+        "input_ids": x,
+        "attention_mask": _mask(q, x.shape[1], left=True),
+        "pixel_values": _pixels(examples, images),
+        "has_image": torch.tensor([e.image is not None for e in examples]),
+        "caption_type": torch.tensor([e.caption_type for e in examples], dtype=torch.long),
+        "length_bonus": torch.tensor([e.length_bonus for e in examples], dtype=torch.float32),
+        "captions": [e.captions for e in examples],
+        "ids": [e.id for e in examples],
+    }
 
 
 # ---- tokenizer corpus -------------------------------------------------------------------------
@@ -610,8 +723,30 @@ def text_corpus(data_root) -> Iterator[str]:
             continue
 
 
-__all__ = ["SYSTEM_PROMPT", "DataError", "LoadStats", "Examples", "SFTExample", "PreferenceExample", "PromptExample",
-           "load_sft", "load_preferences", "load_captions", "load_ppo_prompts", "build_rm_input", "is_correct",
-           "load_image", "make_image_processor", "image_loader", "collate_sft", "collate_preferences",
-           "collate_prompts", "render_query", "render_conversation", "encode_segment", "rm_suffix", "load_template",
-           "text_corpus"]
+__all__ = [
+    "SYSTEM_PROMPT",
+    "DataError",
+    "LoadStats",
+    "Examples",
+    "SFTExample",
+    "PreferenceExample",
+    "PromptExample",
+    "load_sft",
+    "load_preferences",
+    "load_captions",
+    "load_ppo_prompts",
+    "build_rm_input",
+    "is_correct",
+    "load_image",
+    "make_image_processor",
+    "image_loader",
+    "collate_sft",
+    "collate_preferences",
+    "collate_prompts",
+    "render_query",
+    "render_conversation",
+    "encode_segment",
+    "rm_suffix",
+    "load_template",
+    "text_corpus",
+]

@@ -25,8 +25,18 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .shapes import (BACKGROUNDS, COLORS, PLURALS, POSITIONS, SHAPES, SIZES, YESNO_TYPES, Scene,
-                     answer, load_scenes)
+from .shapes import (
+    BACKGROUNDS,
+    COLORS,
+    PLURALS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    YESNO_TYPES,
+    Scene,
+    answer,
+    load_scenes,
+)
 
 # ---- answer parsing ---------------------------------------------------------------------------
 
@@ -39,10 +49,11 @@ def parse_yes_no(text: str) -> str:
 
 
 def parse_choice(text: str) -> Optional[str]:
-    """"B", "B.", "(B) red", "The answer is B." -> "B"; None when no option letter is given."""
-    m = re.match(r"\s*\(?([A-D])(?:[.):,\s]|$)", text)
+    """ "B", "B.", "B. red", "(B) red", "The answer is B." -> "B"; None when no option letter is
+    given. A bare letter followed by a word is not an option ("A red circle." starts with an article)."""
+    m = re.match(r"\s*(?:\(([A-D])\)|([A-D])(?:[.):,]|\s*$))", text)
     if m:
-        return m.group(1)
+        return m.group(1) or m.group(2)
     m = re.search(r"\b(?:answer|option) is \(?([A-D])\b", text)
     return m.group(1) if m else None
 
@@ -54,7 +65,12 @@ def _alt(words: Iterable[str]) -> str:
 
 _C, _S, _Z, _B = _alt(COLORS), _alt(SHAPES), _alt(SIZES), _alt(BACKGROUNDS)
 _P = _alt(POSITIONS.values())
-_NOUN_TO_SHAPE = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}, "shape": None, "shapes": None}
+_NOUN_TO_SHAPE = {
+    **{s: s for s in SHAPES},
+    **{p: s for s, p in PLURALS.items()},
+    "shape": None,
+    "shapes": None,
+}
 _N = _alt(_NOUN_TO_SHAPE)
 
 # (pattern, claim builder). Patterns run over the lower-cased response with re.finditer, so a
@@ -64,18 +80,24 @@ _PATTERNS: list[tuple[re.Pattern, Callable]] = [
     (re.compile(rf"\bthe {_S} is {_C}\b"), lambda m: ("color_of", m[1], m[2])),
     (re.compile(rf"\bthe {_C} {_S} is {_Z}\b"), lambda m: ("size", m[1], m[2], m[3])),
     (re.compile(rf"\bthe {_C} {_S} is at the {_P}\b"), lambda m: ("at", m[1], m[2], m[3])),
-    (re.compile(rf"\bthere (?:is|are) (\d+) (?:{_C} )?{_N}\b"),
-     lambda m: ("count", m[2], _NOUN_TO_SHAPE[m[3]], int(m[1]))),
-    (re.compile(rf"\bbackground with (\d+) (?:shapes|shape)\b"), lambda m: ("count", None, None, int(m[1]))),
+    (
+        re.compile(rf"\bthere (?:is|are) (\d+) (?:{_C} )?{_N}\b"),
+        lambda m: ("count", m[2], _NOUN_TO_SHAPE[m[3]], int(m[1])),
+    ),
+    (re.compile(r"\bbackground with (\d+) (?:shapes|shape)\b"), lambda m: ("count", None, None, int(m[1]))),
     (re.compile(rf"\bthere is no (?:{_C} )?{_S}\b"), lambda m: ("count", m[1], m[2], 0)),
     (re.compile(rf"\bthere is nothing at the {_P}\b"), lambda m: ("empty", m[1])),
     (re.compile(rf"\b(?:{_Z} )?(?:{_C} )?{_S} at the {_P}\b"), lambda m: ("obj", m[1], m[2], m[3], m[4])),
     (re.compile(rf"\bthe background is {_B}\b"), lambda m: ("background", m[1])),
     (re.compile(rf"\ban? {_B} background\b"), lambda m: ("background", m[1])),
-    (re.compile(rf"\bthe {_C} {_S} is larger than the {_C} {_S}\b"),
-     lambda m: ("larger", (m[1], m[2]), (m[3], m[4]))),
-    (re.compile(rf"\bthe {_C} {_S} and the {_C} {_S} are the same size\b"),
-     lambda m: ("same_size",) + tuple(sorted([(m[1], m[2]), (m[3], m[4])]))),
+    (
+        re.compile(rf"\bthe {_C} {_S} is larger than the {_C} {_S}\b"),
+        lambda m: ("larger", (m[1], m[2]), (m[3], m[4])),
+    ),
+    (
+        re.compile(rf"\bthe {_C} {_S} and the {_C} {_S} are the same size\b"),
+        lambda m: ("same_size",) + tuple(sorted([(m[1], m[2]), (m[3], m[4])])),
+    ),
 ]
 
 
@@ -140,8 +162,12 @@ def check_answer(response: str, spec: dict, scene: Scene) -> dict:
         ref = extract_claims(answer(spec, scene))
         halluc = bool(false)
         correct = not halluc and bool(ref) and all(c in claims for c in ref)
-    return {"correct": bool(correct), "hallucination": bool(halluc), "n_claims": len(claims),
-            "false_claims": false}
+    return {
+        "correct": bool(correct),
+        "hallucination": bool(halluc),
+        "n_claims": len(claims),
+        "false_claims": false,
+    }
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -170,11 +196,23 @@ def pope_metrics(preds: list, labels: list) -> dict:
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": prec, "recall": rec, "f1": f1,
-            "yes_ratio": (tp + fp) / n if n else 0.0, "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    return {
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": prec,
+        "recall": rec,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else 0.0,
+        "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
 
 
-_MENTION = re.compile(rf"\b{_C} ({'|'.join(sorted(list(SHAPES) + list(PLURALS.values()), key=len, reverse=True))})\b")
+_MENTION = re.compile(
+    rf"\b{_C} ({'|'.join(sorted(list(SHAPES) + list(PLURALS.values()), key=len, reverse=True))})\b"
+)
 
 
 def mentioned_objects(text: str) -> list[tuple[str, str]]:
@@ -203,19 +241,29 @@ def chair(responses: list[str], scenes: list[Scene]) -> dict:
         covered += len(present & set(objs))
         total += len(present)
     n = len(responses)
-    return {"chair_i": n_h / n_m if n_m else 0.0, "chair_s": n_s / n if n else 0.0,
-            "coverage": covered / total if total else 0.0, "n": n, "n_mentions": n_m}
+    return {
+        "chair_i": n_h / n_m if n_m else 0.0,
+        "chair_s": n_s / n if n else 0.0,
+        "coverage": covered / total if total else 0.0,
+        "n": n,
+        "n_mentions": n_m,
+    }
 
 
 def mmhal_score(records: list[dict]) -> dict:
     """records: dicts with "category", "correct", "hallucination" (from check_answer).
     Item score: 1 correct, 0.5 no hallucination but not the answer (vague/incomplete), 0
     hallucination. Returns overall and per-category score and hallucination rate."""
+
     def agg(rs):
         n = len(rs)
         score = sum(1.0 if r["correct"] else (0.0 if r["hallucination"] else 0.5) for r in rs)
-        return {"score": score / n if n else 0.0,
-                "hallucination_rate": sum(bool(r["hallucination"]) for r in rs) / n if n else 0.0, "n": n}
+        return {
+            "score": score / n if n else 0.0,
+            "hallucination_rate": sum(bool(r["hallucination"]) for r in rs) / n if n else 0.0,
+            "n": n,
+        }
+
     cats: dict[str, list] = {}
     for r in records:
         cats.setdefault(r["category"], []).append(r)
@@ -236,8 +284,14 @@ def rm_accuracy(triples: Iterable) -> dict:
                 acc[0] += ok
                 acc[1] += 1
     f = lambda a: a[0] / a[1] if a[1] else None
-    return {"accuracy": f(tot), "n": tot[1], "accuracy_hallucination": f(hal), "n_hallucination": hal[1],
-            "accuracy_non_hallucination": f(non), "n_non_hallucination": non[1]}
+    return {
+        "accuracy": f(tot),
+        "n": tot[1],
+        "accuracy_hallucination": f(hal),
+        "n_hallucination": hal[1],
+        "accuracy_non_hallucination": f(non),
+        "n_non_hallucination": non[1],
+    }
 
 
 # ---- the runner -------------------------------------------------------------------------------
@@ -246,9 +300,15 @@ EVAL_SETS = ["pope_random", "pope_popular", "pope_adversarial", "mmhal", "chair"
 _PASS_KEYS = ("id", "image", "question", "category", "spec")  # what generate_fn sees (no answers)
 
 
-def run_eval(generate_fn: Callable[[list[dict]], list[str]], data_root, max_items: Optional[int] = None,
-             progress: bool = True, batch_size: int = 16, eval_dir: str = "eval",
-             out_path=None) -> dict:
+def run_eval(
+    generate_fn: Callable[[list[dict]], list[str]],
+    data_root,
+    max_items: Optional[int] = None,
+    progress: bool = True,
+    batch_size: int = 16,
+    eval_dir: str = "eval",
+    out_path=None,
+) -> dict:
     """Generate answers for every eval set under ``data_root/eval_dir`` and score them.
 
     generate_fn(items) -> list[str]: items are dicts with "id", "image" (file name relative to the
@@ -257,6 +317,11 @@ def run_eval(generate_fn: Callable[[list[dict]], list[str]], data_root, max_item
     max_items caps each eval set. Returns the results dict (also written to ``out_path`` as JSON).
     """
     root = Path(data_root)
+    if not (root / "scenes.json").is_file():
+        raise FileNotFoundError(
+            f"{root}/scenes.json not found: run_eval scores against ShapesWorld facts "
+            "(write a dataset with shapes.write_dataset)"
+        )
     scenes = load_scenes(root / "scenes.json")
     sets: dict[str, list[dict]] = {}
     for name in EVAL_SETS:
@@ -274,11 +339,12 @@ def run_eval(generate_fn: Callable[[list[dict]], list[str]], data_root, max_item
     if progress:
         try:
             from tqdm import tqdm
+
             batches = tqdm(batches, desc="eval", unit="batch", file=sys.stderr)
         except ImportError:  # pragma: no cover
             pass
     for i in batches:
-        chunk = keys[i:i + batch_size]
+        chunk = keys[i : i + batch_size]
         outs = generate_fn([dict(queries[k]) for k in chunk])
         if len(outs) != len(chunk):
             raise ValueError(f"generate_fn returned {len(outs)} responses for {len(chunk)} items")
@@ -297,8 +363,14 @@ def run_eval(generate_fn: Callable[[list[dict]], list[str]], data_root, max_item
             c = check_answer(r, it["spec"], scenes[it["image"]])
             recs.append({"category": it["category"], **c})
             if len(res["samples"]) < 8:
-                res["samples"].append({"question": it["question"], "response": r, "correct": c["correct"],
-                                       "hallucination": c["hallucination"]})
+                res["samples"].append(
+                    {
+                        "question": it["question"],
+                        "response": r,
+                        "correct": c["correct"],
+                        "hallucination": c["hallucination"],
+                    }
+                )
         res["mmhal"] = mmhal_score(recs)
         res["hallucination_rate"] = res["mmhal"]["hallucination_rate"]
     if sets.get("chair"):
@@ -352,5 +424,18 @@ def format_table(results_by_model: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["parse_yes_no", "parse_choice", "extract_claims", "check_claim", "check_answer", "pope_metrics",
-           "mentioned_objects", "chair", "mmhal_score", "rm_accuracy", "run_eval", "format_table", "EVAL_SETS"]
+__all__ = [
+    "parse_yes_no",
+    "parse_choice",
+    "extract_claims",
+    "check_claim",
+    "check_answer",
+    "pope_metrics",
+    "mentioned_objects",
+    "chair",
+    "mmhal_score",
+    "rm_accuracy",
+    "run_eval",
+    "format_table",
+    "EVAL_SETS",
+]

@@ -48,16 +48,32 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 45, 205),
     "orange": (250, 130, 0),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "gray": (128, 128, 128),
-                                                "black": (0, 0, 0)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+}
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-           "cross": "crosses"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "cross": "crosses",
+}
 SIZES = ["small", "large"]
 # Grid cell (row, col) -> name. Rows top..bottom, cols left..right.
-POSITIONS = {(0, 0): "top left", (0, 1): "top", (0, 2): "top right",
-             (1, 0): "left", (1, 1): "center", (1, 2): "right",
-             (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right"}
+POSITIONS = {
+    (0, 0): "top left",
+    (0, 1): "top",
+    (0, 2): "top right",
+    (1, 0): "left",
+    (1, 1): "center",
+    (1, 2): "right",
+    (2, 0): "bottom left",
+    (2, 1): "bottom",
+    (2, 2): "bottom right",
+}
 POSITION_CELLS = {v: k for k, v in POSITIONS.items()}
 RELATIONS = ["left of", "right of", "above", "below"]
 
@@ -102,14 +118,27 @@ class Scene:
     split: str = "train"
 
     # -- queries
-    def find(self, color: Optional[str] = None, shape: Optional[str] = None,
-             size: Optional[str] = None, pos: Optional[str] = None) -> list[Obj]:
-        return [o for o in self.objects
-                if (color is None or o.color == color) and (shape is None or o.shape == shape)
-                and (size is None or o.size == size) and (pos is None or o.pos == pos)]
+    def find(
+        self,
+        color: Optional[str] = None,
+        shape: Optional[str] = None,
+        size: Optional[str] = None,
+        pos: Optional[str] = None,
+    ) -> list[Obj]:
+        return [
+            o
+            for o in self.objects
+            if (color is None or o.color == color)
+            and (shape is None or o.shape == shape)
+            and (size is None or o.size == size)
+            and (pos is None or o.pos == pos)
+        ]
 
     def signature(self) -> tuple:
-        return (self.background, tuple(sorted((o.shape, o.color, o.size, o.row, o.col) for o in self.objects)))
+        return (
+            self.background,
+            tuple(sorted((o.shape, o.color, o.size, o.row, o.col) for o in self.objects)),
+        )
 
     # -- texts
     def describe(self, objects: Optional[list[Obj]] = None) -> str:
@@ -123,7 +152,8 @@ class Scene:
     def to_captions(self) -> list[str]:
         """Captions, one fact per line (what the fact-augmented RM reads)."""
         n = len(self.objects)
-        caps = [f"There {'are' if n != 1 else 'is'} {n} shape{'s' if n != 1 else ''} on a {self.background} background."]
+        are, s = ("are", "s") if n != 1 else ("is", "")
+        caps = [f"There {are} {n} shape{s} on a {self.background} background."]
         caps += [f"There is a {o.size} {o.name} at the {o.pos}." for o in self.objects]
         return caps
 
@@ -135,8 +165,13 @@ class Scene:
 
     @staticmethod
     def from_dict(d: dict) -> "Scene":
-        return Scene(id=d["id"], image=d["image"], background=d["background"],
-                     objects=[Obj(**o) for o in d["objects"]], split=d.get("split", "train"))
+        return Scene(
+            id=d["id"],
+            image=d["image"],
+            background=d["background"],
+            objects=[Obj(**o) for o in d["objects"]],
+            split=d.get("split", "train"),
+        )
 
 
 def random_scene(rng: random.Random, scene_id: str, image: str, split: str = "train") -> Scene:
@@ -234,14 +269,22 @@ def question(spec: dict) -> str:
         return f"What is at the {spec['pos']}?"
     if t == "choice":
         opts = " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(spec["options"]))
-        subj = f"What color is the {spec['shape']}?" if spec["about"] == "color" else f"What shape is at the {spec['pos']}?"
+        subj = (
+            f"What color is the {spec['shape']}?"
+            if spec["about"] == "color"
+            else f"What shape is at the {spec['pos']}?"
+        )
         return f"{subj} {opts}. Answer with the letter."
     raise ValueError(f"unknown question type {t!r}")
 
 
 def _relation_holds(a: Obj, b: Obj, rel: str) -> bool:
-    return {"left of": a.col < b.col, "right of": a.col > b.col,
-            "above": a.row < b.row, "below": a.row > b.row}[rel]
+    return {
+        "left of": a.col < b.col,
+        "right of": a.col > b.col,
+        "above": a.row < b.row,
+        "below": a.row > b.row,
+    }[rel]
 
 
 def _one(scene: Scene, ref) -> Optional[Obj]:
@@ -272,7 +315,9 @@ def answer(spec: dict, scene: Scene) -> str:
         big, small = (a, b) if a.size == "large" else (b, a)
         return f"The {big.name} is larger than the {small.name}."
     if t == "relation":
-        return "Yes." if _relation_holds(_one(scene, spec["a"]), _one(scene, spec["b"]), spec["rel"]) else "No."
+        return (
+            "Yes." if _relation_holds(_one(scene, spec["a"]), _one(scene, spec["b"]), spec["rel"]) else "No."
+        )
     if t == "exists":
         return "Yes." if scene.find(color=spec.get("color"), shape=spec["shape"]) else "No."
     if t == "background":
@@ -290,14 +335,18 @@ def answer(spec: dict, scene: Scene) -> str:
     raise ValueError(f"unknown question type {t!r}")
 
 
-def expected_yes_no(spec: dict, scene: Scene) -> str:
-    return answer(spec, scene)[:-1].lower()
-
-
 # ---- picking questions per category -----------------------------------------------------------
 
-CATEGORIES = ["attribute", "adversarial", "comparison", "counting", "spatial", "environment",
-              "holistic", "other"]
+CATEGORIES = [
+    "attribute",
+    "adversarial",
+    "comparison",
+    "counting",
+    "spatial",
+    "environment",
+    "holistic",
+    "other",
+]
 
 
 def _absent_combos(scene: Scene) -> list[tuple[str, str]]:
@@ -331,16 +380,31 @@ def make_spec(category: str, scene: Scene, rng: random.Random) -> dict:
         if k == 0:
             return {"type": "count"}
         if k == 1:
-            return {"type": "count", "color": rng.choice(objs).color if rng.random() < 0.7 else rng.choice(list(COLORS))}
-        return {"type": "count", "shape": rng.choice(objs).shape if rng.random() < 0.7 else rng.choice(SHAPES)}
+            return {
+                "type": "count",
+                "color": rng.choice(objs).color if rng.random() < 0.7 else rng.choice(list(COLORS)),
+            }
+        return {
+            "type": "count",
+            "shape": rng.choice(objs).shape if rng.random() < 0.7 else rng.choice(SHAPES),
+        }
     if category == "spatial":
         pairs = [(a, b) for a in objs for b in objs if a is not b]
         if pairs and rng.random() < 0.6:
             a, b = rng.choice(pairs)
-            rels = [r for r in RELATIONS if (r in ("left of", "right of") and a.col != b.col)
-                    or (r in ("above", "below") and a.row != b.row)]
+            rels = [
+                r
+                for r in RELATIONS
+                if (r in ("left of", "right of") and a.col != b.col)
+                or (r in ("above", "below") and a.row != b.row)
+            ]
             if rels:  # only ask relations that are decided on the grid
-                return {"type": "relation", "a": [a.color, a.shape], "b": [b.color, b.shape], "rel": rng.choice(rels)}
+                return {
+                    "type": "relation",
+                    "a": [a.color, a.shape],
+                    "b": [b.color, b.shape],
+                    "rel": rng.choice(rels),
+                }
         o = rng.choice(objs)
         return {"type": "where", "color": o.color, "shape": o.shape}
     if category == "environment":
@@ -406,7 +470,10 @@ def hallucinate(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]
             return f"The {name} is at the {rng.choice(sorted(POSITION_CELLS))}.", "absent_object"
         if t == "size":
             return f"The {name} is {'small' if o.size == 'large' else 'large'}.", "wrong_attribute"
-        return f"The {name} is at the {rng.choice([p for p in sorted(POSITION_CELLS) if p != o.pos])}.", "wrong_relation"
+        return (
+            f"The {name} is at the {rng.choice([p for p in sorted(POSITION_CELLS) if p != o.pos])}.",
+            "wrong_relation",
+        )
     if t == "count":
         n = len(scene.find(color=spec.get("color"), shape=spec.get("shape")))
         m = n + 1 if n == 0 or rng.random() < 0.5 else n - 1
@@ -421,7 +488,10 @@ def hallucinate(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]
             return f"The {small.name} is larger than the {big.name}.", "wrong_relation"
         return f"The {a.name} and the {b.name} are the same size.", "wrong_relation"
     if t == "background":
-        return f"The background is {rng.choice([b for b in BACKGROUNDS if b != scene.background])}.", "wrong_attribute"
+        return (
+            f"The background is {rng.choice([b for b in BACKGROUNDS if b != scene.background])}.",
+            "wrong_attribute",
+        )
     if t == "at":
         objs = scene.find(pos=spec["pos"])
         c, s = rng.choice(_absent_combos(scene))
@@ -515,13 +585,26 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
     train = [s for s in scenes if s.split == "train"]
     evals = [s for s in scenes if s.split == "eval"]
 
-    out: dict = {"scenes": scenes, "sft": [], "preference": [], "preference_eval": [], "captions": {},
-                 "ppo": [], "eval": {}, "items": [], "planted": [], "unhelpful": [], "ppo_specs": []}
+    out: dict = {
+        "scenes": scenes,
+        "sft": [],
+        "preference": [],
+        "preference_eval": [],
+        "captions": {},
+        "ppo": [],
+        "eval": {},
+        "items": [],
+        "planted": [],
+        "unhelpful": [],
+        "ppo_specs": [],
+    }
     choice = {s.image: make_choice_spec(s, random.Random(f"{seed}-choice-{s.id}")) for s in scenes}
     for s in scenes:
         out["captions"][s.image] = s.to_captions()
         c = choice[s.image]
-        out["captions"]["aok_" + s.image] = [f"The correct option is {c['answer']}: {c['options']['ABCD'.index(c['answer'])]}."]
+        out["captions"]["aok_" + s.image] = [
+            f"The correct option is {c['answer']}: {c['options']['ABCD'.index(c['answer'])]}."
+        ]
 
     def item(s, spec):
         a = answer(spec, s)
@@ -531,19 +614,30 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
     # SFT: one multi-turn QA record + one description per scene; a few text-only records.
     for k, s in enumerate(train):
         r = random.Random(f"{seed}-sft-{s.id}")
-        cats = r.sample(["attribute", "adversarial", "comparison", "counting", "spatial", "environment", "other"], 2)
+        cats = r.sample(
+            ["attribute", "adversarial", "comparison", "counting", "spatial", "environment", "other"], 2
+        )
         specs = [make_spec(c, s, r) for c in cats]
         specs.append(make_exists_spec(s, r, present=r.random() < 0.5))
         if r.random() < 0.3:
             specs[r.randrange(3)] = choice[s.image]
         pairs = [item(s, sp) for sp in specs]
         out["sft"].append({"id": f"{s.id}-qa", "image": s.image, "conversations": _conversation(pairs)})
-        out["sft"].append({"id": f"{s.id}-desc", "image": s.image,
-                           "conversations": _conversation([item(s, make_spec("holistic", s, r))])})
+        out["sft"].append(
+            {
+                "id": f"{s.id}-desc",
+                "image": s.image,
+                "conversations": _conversation([item(s, make_spec("holistic", s, r))]),
+            }
+        )
         if k % 25 == 0:
             q, a = SYSTEM_FREE_FACTS[(k // 25) % len(SYSTEM_FREE_FACTS)]
-            out["sft"].append({"id": f"text-{k}", "conversations": [{"from": "human", "value": q},
-                                                                    {"from": "gpt", "value": a}]})
+            out["sft"].append(
+                {
+                    "id": f"text-{k}",
+                    "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}],
+                }
+            )
 
     # Preference pairs: 3 of 4 plant a hallucination, 1 of 4 differ only in helpfulness.
     def pairs_for(pool, key, per_scene):
@@ -565,10 +659,18 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                 out["items"].append((s, spec, good))
                 pref = 1 if r.random() < 0.5 else 2
                 o1, o2 = (good, bad) if pref == 1 else (bad, good)
-                out[key].append({"id": f"{s.id}-pref{j}", "image": s.image,
-                                 "conversations": _conversation([(question(spec), good)]),
-                                 "output_1": {"value": o1}, "output_2": {"value": o2},
-                                 "preference": pref, "hallucination": bool(halluc)})
+                out[key].append(
+                    {
+                        "id": f"{s.id}-pref{j}",
+                        "image": s.image,
+                        "conversations": _conversation([(question(spec), good)]),
+                        "output_1": {"value": o1},
+                        "output_2": {"value": o2},
+                        "preference": pref,
+                        "hallucination": bool(halluc),
+                    }
+                )
+
     pairs_for(train, "preference", 2)
     pairs_for(evals, "preference_eval", 1)
 
@@ -585,7 +687,11 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
             spec = choice[s.image]
             ctype = FACT_CAPTION_TYPES[spec["answer"]]
         else:
-            spec = make_exists_spec(s, r, present=r.random() < 0.5) if r.random() < 0.6 else make_spec("spatial", s, r)
+            spec = (
+                make_exists_spec(s, r, present=r.random() < 0.5)
+                if r.random() < 0.6
+                else make_spec("spatial", s, r)
+            )
             if spec["type"] not in YESNO_TYPES:
                 spec = make_exists_spec(s, r, present=r.random() < 0.5)
             ctype = 7 if answer(spec, s) == "Yes." else 6
@@ -593,9 +699,15 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
         # descriptions none (their answers are meant to be long).
         lb = 0.0 if spec["type"] == "describe" else 1.0
         out["ppo_specs"].append((s, spec))
-        out["ppo"].append({"id": f"{s.id}-ppo", "image": s.image,
-                           "conversations": [{"from": "human", "value": _human(question(spec), True)}],
-                           "caption_type": ctype, "length_bonus": lb})
+        out["ppo"].append(
+            {
+                "id": f"{s.id}-ppo",
+                "image": s.image,
+                "conversations": [{"from": "human", "value": _human(question(spec), True)}],
+                "caption_type": ctype,
+                "length_bonus": lb,
+            }
+        )
 
     out["eval"] = _eval_sets(train, evals, seed)
     return out
@@ -617,7 +729,13 @@ def _eval_sets(train: list[Scene], evals: list[Scene], seed: int) -> dict:
             for b in names:
                 if a != b:
                     co[(a, b)] = co.get((a, b), 0) + 1
-    sets: dict[str, list] = {"pope_random": [], "pope_popular": [], "pope_adversarial": [], "mmhal": [], "chair": []}
+    sets: dict[str, list] = {
+        "pope_random": [],
+        "pope_popular": [],
+        "pope_adversarial": [],
+        "mmhal": [],
+        "chair": [],
+    }
     for k, s in enumerate(evals):
         r = random.Random(f"{seed}-eval-{s.id}")
         present = [(o.color, o.shape) for o in s.objects]
@@ -632,17 +750,22 @@ def _eval_sets(train: list[Scene], evals: list[Scene], seed: int) -> dict:
             # share a colour or shape with a present object (the most confusable).
             "adversarial": sorted(
                 [a for a in absent if any(a[0] == p[0] or a[1] == p[1] for p in present)] or absent,
-                key=lambda a: (-sum(co.get((a, p), 0) for p in present), a))[:npos],
+                key=lambda a: (-sum(co.get((a, p), 0) for p in present), a),
+            )[:npos],
         }
         for split, neg in negs.items():
             qs = [(p, "yes") for p in pos] + [(a, "no") for a in neg]
             for j, ((c, sh), label) in enumerate(qs):
                 spec = {"type": "exists", "color": c, "shape": sh}
-                sets[f"pope_{split}"].append(_eval_item(s, spec, f"{s.id}-{split}-{j}", label=label, category=split))
+                sets[f"pope_{split}"].append(
+                    _eval_item(s, spec, f"{s.id}-{split}-{j}", label=label, category=split)
+                )
         for j in range(2):  # MMHal-style: 8 categories cycled over the eval scenes
             cat = CATEGORIES[(2 * k + j) % len(CATEGORIES)]
             sets["mmhal"].append(_eval_item(s, make_spec(cat, s, r), f"{s.id}-mmhal-{j}", category=cat))
-        sets["chair"].append(_eval_item(s, {"type": "describe", "variant": 0}, f"{s.id}-chair", category="holistic"))
+        sets["chair"].append(
+            _eval_item(s, {"type": "describe", "variant": 0}, f"{s.id}-chair", category="holistic")
+        )
     return sets
 
 
@@ -668,9 +791,14 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     for s in data["scenes"]:
         # PNG without metadata chunks (no time stamps): byte-identical across runs.
         render(s, image_size).save(img_dir / s.image, format="PNG", optimize=False)
-    files = {"sft": out / "sft.json", "preference": out / "preference.json",
-             "preference_eval": out / "preference_eval.json", "captions": out / "image_to_caption.json",
-             "ppo_prompts": out / "ppo_prompts.json", "scenes": out / "scenes.json"}
+    files = {
+        "sft": out / "sft.json",
+        "preference": out / "preference.json",
+        "preference_eval": out / "preference_eval.json",
+        "captions": out / "image_to_caption.json",
+        "ppo_prompts": out / "ppo_prompts.json",
+        "scenes": out / "scenes.json",
+    }
     _dump(files["sft"], data["sft"])
     _dump(files["preference"], data["preference"])
     _dump(files["preference_eval"], data["preference_eval"])
@@ -680,14 +808,23 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     for name, items in data["eval"].items():
         files[f"eval/{name}"] = out / "eval" / f"{name}.json"
         _dump(files[f"eval/{name}"], items)
-    counts = {"scenes_train": sum(s.split == "train" for s in data["scenes"]),
-              "scenes_eval": sum(s.split == "eval" for s in data["scenes"]),
-              "sft": len(data["sft"]), "preference": len(data["preference"]),
-              "preference_eval": len(data["preference_eval"]), "ppo_prompts": len(data["ppo"]),
-              **{f"eval/{k}": len(v) for k, v in data["eval"].items()}}
-    return {"root": str(out), "images": str(img_dir), "counts": counts,
-            "files": {k: str(v) for k, v in files.items()}, "image_size": image_size,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    counts = {
+        "scenes_train": sum(s.split == "train" for s in data["scenes"]),
+        "scenes_eval": sum(s.split == "eval" for s in data["scenes"]),
+        "sft": len(data["sft"]),
+        "preference": len(data["preference"]),
+        "preference_eval": len(data["preference_eval"]),
+        "ppo_prompts": len(data["ppo"]),
+        **{f"eval/{k}": len(v) for k, v in data["eval"].items()},
+    }
+    return {
+        "root": str(out),
+        "images": str(img_dir),
+        "counts": counts,
+        "files": {k: str(v) for k, v in files.items()},
+        "image_size": image_size,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def load_scenes(path) -> dict[str, Scene]:
@@ -696,6 +833,25 @@ def load_scenes(path) -> dict[str, Scene]:
         return {d["image"]: Scene.from_dict(d) for d in json.load(f)}
 
 
-__all__ = ["Scene", "Obj", "COLORS", "SHAPES", "SIZES", "POSITIONS", "BACKGROUNDS", "CATEGORIES",
-           "random_scene", "render", "question", "answer", "make_spec", "make_choice_spec",
-           "make_exists_spec", "hallucinate", "less_helpful", "build", "write_dataset", "load_scenes"]
+__all__ = [
+    "Scene",
+    "Obj",
+    "COLORS",
+    "SHAPES",
+    "SIZES",
+    "POSITIONS",
+    "BACKGROUNDS",
+    "CATEGORIES",
+    "random_scene",
+    "render",
+    "question",
+    "answer",
+    "make_spec",
+    "make_choice_spec",
+    "make_exists_spec",
+    "hallucinate",
+    "less_helpful",
+    "build",
+    "write_dataset",
+    "load_scenes",
+]

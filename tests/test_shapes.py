@@ -1,0 +1,191 @@
+"""ShapesWorld: determinism, faithful answers, planted hallucinations, real formats, rendering."""
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from factrl.model.tokenizer import build_tokenizer
+from factrl.trainers import data as D
+from factrl.trainers import evaluate as E
+from factrl.trainers import shapes as S
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def world():
+    return S.build(620, seed=1)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sw")
+    info = S.write_dataset(root, 60, seed=5)
+    return root, info
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_byte_identical_files(tmp_path, written):
+    root, info = written
+    S.write_dataset(tmp_path / "b", 60, seed=5)
+    a, b = _files(root), _files(tmp_path / "b")
+    assert (
+        sorted(a) == sorted(b)
+        and len([k for k in a if k.endswith(".png")]) == 60 + info["counts"]["scenes_eval"]
+    )
+    assert all(a[k] == b[k] for k in a)  # PNGs included
+    S.write_dataset(tmp_path / "c", 60, seed=6)
+    c = _files(tmp_path / "c")
+    assert c["sft.json"] != a["sft.json"] and c["images/shapes_000000.png"] != a["images/shapes_000000.png"]
+
+
+def test_every_faithful_answer_is_consistent_with_the_facts(world):
+    items = world["items"]
+    assert len(items) >= 1000
+    for scene, spec, ans in items:
+        r = E.check_answer(ans, spec, scene)
+        assert r["correct"] and not r["hallucination"], (spec, ans, scene)
+    for scene, spec, ans in world["unhelpful"]:  # faithful but less helpful: never a hallucination
+        assert not E.check_answer(ans, spec, scene)["hallucination"], (spec, ans)
+    assert len(world["unhelpful"]) >= 50
+    # every written SFT answer is one of these checked items
+    checked = {(s.image, S.question(sp), a) for s, sp, a in items}
+    for rec in world["sft"]:
+        if "image" not in rec:
+            continue
+        c = rec["conversations"]
+        for q, a in zip(c[0::2], c[1::2]):
+            assert (rec["image"], q["value"].replace("<image>\n", ""), a["value"]) in checked
+
+
+def test_every_planted_hallucination_is_detected(world):
+    planted = world["planted"]
+    assert len(planted) >= 1000
+    kinds = Counter(k for *_, k in planted)
+    assert set(kinds) == {"wrong_attribute", "absent_object", "wrong_count", "wrong_relation"}
+    for scene, spec, ans, kind in planted:
+        r = E.check_answer(ans, spec, scene)
+        assert r["hallucination"] and not r["correct"], (kind, spec, ans, scene)
+    # and the preference records flag them: a hallucination=True pair's rejected output is planted
+    planted_set = {(sc.image, a) for sc, _, a, _ in planted}
+    by_image = {sc.image: sc for sc in world["scenes"]}
+    for rec in world["preference"] + world["preference_eval"]:
+        good = rec[f"output_{rec['preference']}"]["value"]
+        bad = rec[f"output_{3 - rec['preference']}"]["value"]
+        assert good == rec["conversations"][1]["value"]
+        if rec["hallucination"]:
+            assert (rec["image"], bad) in planted_set
+        else:
+            assert all(E.check_claim(c, by_image[rec["image"]]) for c in E.extract_claims(bad)), bad
+
+
+def test_captions_are_true_facts(world):
+    caps = world["captions"]
+    for s in world["scenes"]:
+        lines = caps[s.image]
+        assert len(lines) == len(s.objects) + 1
+        claims = [c for line in lines for c in E.extract_claims(line)]
+        assert len(claims) >= len(lines) and all(E.check_claim(c, s) for c in claims)
+        aok = caps["aok_" + s.image]
+        assert len(aok) == 1 and aok[0].startswith("The correct option is ")
+
+
+def test_ppo_prompts_caption_types_and_correctness(world):
+    assert {r["caption_type"] for r in world["ppo"]} == set(range(1, 8))
+    rng = random.Random(0)
+    for rec, (scene, spec) in zip(world["ppo"], world["ppo_specs"]):
+        ct = rec["caption_type"]
+        good = S.answer(spec, scene)
+        if ct == 1:
+            assert D.is_correct(good, ct) is None
+            continue
+        assert D.is_correct(good, ct) is True, (ct, good)
+        bad, _ = S.hallucinate(spec, scene, rng)
+        assert D.is_correct(bad, ct) is False, (ct, bad)
+
+
+def test_train_and_eval_scenes_are_disjoint(world):
+    train = [s for s in world["scenes"] if s.split == "train"]
+    ev = [s for s in world["scenes"] if s.split == "eval"]
+    assert len(train) == 620 and len(ev) == 124
+    assert not {s.signature() for s in train} & {s.signature() for s in ev}
+    eval_images = {s.image for s in ev}
+    for name, items in world["eval"].items():
+        assert items and all(it["image"] in eval_images for it in items), name
+    assert all(r["image"] in eval_images for r in world["preference_eval"])
+    assert not any(r.get("image") in eval_images for r in world["sft"] + world["preference"] + world["ppo"])
+
+
+def test_pope_splits(world):
+    by_image = {s.image: s for s in world["scenes"]}
+    for split in ("random", "popular", "adversarial"):
+        items = world["eval"][f"pope_{split}"]
+        labels = Counter(it["label"] for it in items)
+        assert labels["yes"] == labels["no"] > 0
+        for it in items:
+            s = by_image[it["image"]]
+            assert S.answer(it["spec"], s) == ("Yes." if it["label"] == "yes" else "No.")
+            if split == "adversarial" and it["label"] == "no":
+                c, sh = it["spec"]["color"], it["spec"]["shape"]
+                assert any(o.color == c or o.shape == sh for o in s.objects)
+    cats = Counter(it["category"] for it in world["eval"]["mmhal"])
+    assert set(cats) == set(S.CATEGORIES)
+
+
+def test_written_files_load_in_the_real_formats(written):
+    root, info = written
+    tok = build_tokenizer(D.text_corpus(root), vocab_size=512)
+    imgs = str(root / "images")
+    caps = D.load_captions(root / "image_to_caption.json")
+    sft = D.load_sft(root / "sft.json", tok, 36, 10_000, image_folder=imgs)
+    assert sft.stats.n_skipped == 0 and len(sft) == info["counts"]["sft"]
+    assert max(len(e.input_ids) for e in sft) <= 200  # including the 36 image tokens
+    assert any(e.image is None for e in sft)  # text-only records exist
+    for fn in ("preference.json", "preference_eval.json"):
+        prefs = D.load_preferences(root / fn, tok, 36, 10_000, caps, True, image_folder=imgs)
+        assert prefs.stats.n_skipped == 0 and {e.hallucination for e in prefs} == {True, False}
+    ppo = D.load_ppo_prompts(root / "ppo_prompts.json", tok, 36, 128, caps, image_folder=imgs)
+    assert len(ppo) == info["counts"]["ppo_prompts"] and ppo.stats.n_too_long == 0
+    for rec in json.loads((root / "sft.json").read_text()):
+        for t in rec["conversations"]:
+            if t["from"] == "gpt":
+                words = len(t["value"].split())
+                assert words <= (40 if t["value"].startswith("A ") and "background" in t["value"] else 25)
+    for name in E.EVAL_SETS:
+        assert (root / "eval" / f"{name}.json").is_file()
+    assert set(json.loads((root / "image_to_caption.json").read_text())) >= {"aok_shapes_000000.png"}
+
+
+def test_rendered_shapes_have_their_colors():
+    rng = random.Random(3)
+    palette = {**S.COLORS, **{"bg_" + k: v for k, v in S.BACKGROUNDS.items()}}
+    for k in range(150):
+        scene = S.random_scene(rng, f"s{k}", f"s{k}.png")
+        img = S.render(scene, 48)
+        assert img.size == (48, 48) and img.mode == "RGB"
+        assert img.getpixel((0, 0)) == S.BACKGROUNDS[scene.background]  # corners are never covered
+        for o in scene.objects:
+            px = img.getpixel((int((o.col + 0.5) * 16), int((o.row + 0.5) * 16)))
+            nearest = min(palette, key=lambda n: sum((a - b) ** 2 for a, b in zip(palette[n], px)))
+            assert nearest == o.color, (o, px)
+    # a large shape covers more pixels than a small one of the same kind
+    big = S.render(S.Scene("a", "a.png", "white", [S.Obj("circle", "red", "large", 1, 1)]), 48)
+    small = S.render(S.Scene("b", "b.png", "white", [S.Obj("circle", "red", "small", 1, 1)]), 48)
+    count = lambda im: int((np.asarray(im)[..., 1] < 128).sum())
+    assert count(big) > 2 * count(small) > 0
+
+
+def test_2000_scenes_under_30_seconds(tmp_path):
+    t = time.perf_counter()
+    info = S.write_dataset(tmp_path, 2000, seed=0)
+    dt = time.perf_counter() - t
+    assert dt < 30, dt
+    assert info["counts"]["scenes_train"] == 2000 and len(list((tmp_path / "images").glob("*.png"))) == 2400
+    with Image.open(tmp_path / "images" / "shapes_000000.png") as im:
+        assert im.size == (48, 48)

@@ -1,0 +1,112 @@
+"""``factrl eval``: the SFT model and the PPO policy side by side on the held-out sets.
+
+Both run on the same NF4 base PPO used (SFT = adapters off, PPO = the ``policy`` adapter), so
+the table isolates what RLHF changed. Also the reward model's pairwise accuracy on held-out
+preference pairs. Scoring is programmatic against the ShapesWorld facts (trainers/evaluate.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from factrl.trainers.common import resolve_device, seed_everything, stage_dir
+from factrl.trainers.config import Config
+from factrl.trainers.data import render_query
+from factrl.trainers.evaluate import format_table, rm_accuracy, run_eval
+from factrl.trainers.setup import load_assets, stage_base
+
+
+def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new_tokens: int, device):
+    """items → greedy answers, with ``adapter`` active (None = the base)."""
+
+    @torch.no_grad()
+    def generate(items: list[dict]) -> list[str]:
+        queries = [render_query(tok, it["question"], num_image_tokens, has_image=bool(it.get("image")))
+                   for it in items]
+        T = max(len(q) for q in queries)
+        ids = torch.tensor([[tok.pad_token_id] * (T - len(q)) + q for q in queries], device=device)
+        mask = torch.tensor([[0] * (T - len(q)) + [1] * len(q) for q in queries], device=device)
+        px = [images(it["image"]) for it in items if it.get("image")]
+        feats = model.encode_images(torch.stack(px).to(device)) if px else None
+        with model.adapter(adapter):
+            g = model.generate(ids, mask, image_features=feats, max_new_tokens=max_new_tokens, greedy=True)
+        return [tok.decode(g.tokens[i, :int(g.lengths[i])].tolist(), skip_special_tokens=True).strip()
+                for i in range(len(items))]
+
+    return generate
+
+
+def rm_eval(model, a, cfg: Config, device) -> dict:
+    from factrl.trainers.rm import ROLE, load_pairs
+
+    if ROLE not in model.adapter_state.names:
+        return {}
+    held = load_pairs(cfg, a, cfg.data.preference_eval_file, cfg.rm.fact_augmented)
+    from factrl.trainers.data import collate_preferences
+    from factrl.trainers.rm import pair_rewards
+    from factrl.trainers.setup import to_device
+
+    triples = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(held), cfg.eval.batch_size):
+            ex = held[i:i + cfg.eval.batch_size]
+            b = to_device(collate_preferences(ex, a.tokenizer.pad_token_id, a.images), device)
+            rc, rr = pair_rewards(model, b)
+            triples += [(float(c), float(r), e.hallucination) for c, r, e in zip(rc, rr, ex)]
+    return rm_accuracy(triples)
+
+
+def evaluate_stages(cfg: Config) -> dict:
+    device = resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    from factrl.model.io import load_adapter
+
+    a = load_assets(cfg, stage_base(cfg, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
+    model = a.model.eval()
+    rm_dir = Path(cfg.ppo.reward_adapter or stage_dir(cfg, "rm") / "reward_adapter")
+    policy_dir = stage_dir(cfg, "ppo") / "policy_adapter"
+    if rm_dir.is_dir():
+        load_adapter(model, rm_dir, "reward", trainable=False)
+    columns = {"sft": None}
+    if policy_dir.is_dir():
+        load_adapter(model, policy_dir, "policy", trainable=False)
+        columns["ppo"] = "policy"
+    rm = rm_eval(model, a, cfg, device)
+    out = stage_dir(cfg, "eval")
+    results = {}
+    for name, adapter in columns.items():
+        gen = make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter, cfg.eval.max_new_tokens,
+                               device)
+        res = run_eval(gen, a.data_root, max_items=cfg.eval.max_items or None, progress=cfg.run.progress,
+                       batch_size=cfg.eval.batch_size, eval_dir=cfg.data.eval_dir, out_path=out / f"{name}.json")
+        if rm:
+            res["rm"] = rm
+        results[name] = res
+    table = format_table(results)
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    summary = {name: headline(r) for name, r in results.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def headline(r: dict) -> dict:
+    """The few numbers the pipeline's last JSON line carries."""
+    g = lambda *p: _get(r, p)  # noqa: E731
+    return {"hallucination_rate": g("hallucination_rate"), "mmhal_score": g("mmhal", "score"),
+            "pope_f1_random": g("pope", "random", "f1"), "pope_f1_popular": g("pope", "popular", "f1"),
+            "pope_f1_adversarial": g("pope", "adversarial", "f1"), "chair_i": g("chair", "chair_i"),
+            "chair_s": g("chair", "chair_s"), "rm_accuracy": g("rm", "accuracy"),
+            "rm_accuracy_hallucination": g("rm", "accuracy_hallucination")}
+
+
+def _get(d, path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
