@@ -11,7 +11,6 @@ interpreter's fp32 upcast); true bf16 tensor-core checks are the ``gpu`` tests.
 
 import pytest
 import torch
-
 from factrl.kernels import nf4_lora as F
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from factrl.kernels.nf4_lora import nf4_dequantize_triton, nf4_lora, nf4_lora_reference
@@ -36,7 +35,8 @@ def _check(name, ours, ref, truth, factor=2.0):
     e_ours = (ours.double() - truth).abs().max().item()
     e_ref = (ref.double() - truth).abs().max().item()
     floor = eps * truth.abs().max().item()
-    assert e_ours <= factor * e_ref + floor, f"{name}: max err {e_ours:.3g} vs reference {e_ref:.3g} (+{floor:.3g})"
+    assert e_ours <= factor * e_ref + floor, \
+        f"{name}: max err {e_ours:.3g} vs reference {e_ref:.3g} (+{floor:.3g})"
     n_ours = (ours.double() - truth).norm().item()
     n_ref = (ref.double() - truth).norm().item()
     nfloor = eps * truth.norm().item()
@@ -273,7 +273,8 @@ def test_from_bnb_roundtrip_bit_exact(dtype, dq):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("m,k,n,r,dq,bias", SINGLE + [(1, 4096, 1000, 64, True, False), (300, 1024, 1000, 64, True, True)])
+@pytest.mark.parametrize("m,k,n,r,dq,bias",
+                         SINGLE + [(1, 4096, 1000, 64, True, False), (300, 1024, 1000, 64, True, True)])
 def test_gpu_single_adapter(dtype, m, k, n, r, dq, bias):
     _compare(*_make(m, k, n, r, dtype=dtype, dq=dq, bias=bias))
 
