@@ -167,10 +167,13 @@ def _whiten_combine_kernel(part_ptr, stats_ptr, P, eps, UNBIASED: tl.constexpr, 
         dm = mean_i - mean
         m2_acc += m2_i + n_i * dm * dm
     m2 = tl.sum(m2_acc, axis=0)
-    denom = n - 1.0 if UNBIASED else n
+    if UNBIASED:
+        denom = n - 1.0
+    else:
+        denom = n
     var = tl.where(n >= 2.0, m2 / tl.maximum(denom, 1.0), 0.0)  # < 2 valid tokens: variance 0
     tl.store(stats_ptr, mean)
-    tl.store(stats_ptr + 1, 1.0 / tl.sqrt(var + eps))
+    tl.store(stats_ptr + 1, 1.0 / tl.sqrt_rn(var + eps))  # sqrt_rn: IEEE, not the approximate sqrt
 
 
 @triton.jit
