@@ -10,9 +10,10 @@ logits exist only one tile at a time:
   and the target logit; splits are merged in a tiny ``[n_split, N]`` epilogue (``_combine``).
   ``lse = m + log s``, ``E[z] = m + a / s``, ``entropy = lse - E[z] = log s - a / s``.
   Accumulating ``(z - m)`` instead of ``z`` keeps the entropy exact for logits of size 1e4.
-* backward (the head is frozen: only d hidden): tiles are recomputed from saved hidden and
-  ``lse``/``E[z]``;  with ``p = exp(z - lse)``,
-  ``dz = g_lp * (onehot(target) - p) + g_ent * p * (E[z] - z)``  and  ``dh = dz @ W / T``.
+* backward (d hidden; d weight only with ``weight_grad=True`` for a trainable head): tiles are
+  recomputed from saved hidden and ``lse``/``E[z]``; with ``p = exp(z - lse)``,
+  ``dz = g_lp * (onehot(target) - p) + g_ent * p * (E[z] - z)``,  ``dh = dz @ W / T``
+  (``dW = dz.T @ h / T``).
   Triton writes ``dz`` for one token chunk ``[C, V]`` (C*V ~ 2**26 elements) and cuBLAS does the
   ``[C, V] @ [V, H]`` product; the torch backend does the same in (token x vocab) chunks.
 
@@ -27,14 +28,14 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from factrl.kernels._backend import resolve_backend
 
 KL_ESTIMATORS = ("k1", "k1_clamp", "k2", "k3")
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Splits of the vocabulary are multiples of the largest BLOCK_V so every autotune config tiles them.
-_MAX_BLOCK_V = 256
+# Vocab splits start at multiples of 256 so GPU tiles (BLOCK_V <= 256) are full except at V. Correctness
+# does not depend on it: a tile crossing its split's end is masked like one crossing V.
+_SPLIT_ALIGN = 256
 # Tests set this to fill launcher-allocated buffers with NaN, so an unwritten element shows up.
 POISON_OUTPUTS = False
 
@@ -109,7 +110,7 @@ def _dz_tile(z, cols, t, lse, ez, glp, gent, HAS_GENT: tl.constexpr):
     return dz
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, (32, 256, 64)), key=["H", "V"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"])
 @triton.jit
 def _logprobs_fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
                          N, V, H, stride_hn, stride_wv, v_per_split, inv_temp,
@@ -141,7 +142,7 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
     tl.store(zt_ptr + out, zt, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, (32, 128, 64)), key=["H", "V"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"])
 @triton.jit
 def _logprobs_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dz_ptr,
                          N, V, H, stride_hn, stride_wv, stride_dz, inv_temp,
@@ -170,7 +171,7 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr
 _ROW_CONFIGS = [(4, 1024, 0, 4, 2), (8, 512, 0, 4, 2), (16, 256, 0, 4, 2), (1, 2048, 0, 8, 2)]
 
 
-@triton.autotune(configs=_configs(_ROW_CONFIGS, (16, 256, 0)), key=["V"])
+@triton.autotune(configs=_configs(_ROW_CONFIGS, (16, 1024, 0)), key=["V"])
 @triton.jit
 def _logits_fwd_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, N, V, stride_xn, v_per_split, inv_temp,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -186,10 +187,11 @@ def _logits_fwd_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, N, V, stride_x
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     a = tl.zeros([BLOCK_N], dtype=tl.float32)
     zt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn  # N * V can pass 2**31 (32k x 128k)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         valid = row_ok[:, None] & (cols < v_end)[None, :]
-        z = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=valid, other=0.0)
+        z = tl.load(x_rows + cols[None, :], mask=valid, other=0.0)
         z = z.to(tl.float32) * inv_temp
         m, s, a, zt = _online_update(m, s, a, zt, z, cols, t, valid)
     out = pid_s * N + rows
@@ -199,7 +201,7 @@ def _logits_fwd_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, N, V, stride_x
     tl.store(zt_ptr + out, zt, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_ROW_CONFIGS, (16, 256, 0)), key=["V"])
+@triton.autotune(configs=_configs(_ROW_CONFIGS, (16, 1024, 0)), key=["V"])
 @triton.jit
 def _logits_bwd_kernel(x_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dx_ptr, N, V, stride_xn, stride_dx,
                        inv_temp, HAS_GENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -209,7 +211,9 @@ def _logits_bwd_kernel(x_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dx_ptr,
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N
     ok = row_ok[:, None] & (cols < V)[None, :]
-    z = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_temp
+    rows64 = rows.to(tl.int64)  # N * V can pass 2**31
+    z = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0)
+    z = z.to(tl.float32) * inv_temp
     t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
@@ -219,7 +223,7 @@ def _logits_bwd_kernel(x_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dx_ptr,
         ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
         gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
     dz = _dz_tile(z, cols, t, lse, ez, glp, gent, HAS_GENT) * inv_temp
-    tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dz.to(dx_ptr.dtype.element_ty), mask=ok)
+    tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dz.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------- launchers
@@ -240,11 +244,11 @@ def _n_split(n_rows: int, V: int, block_n: int, device: torch.device) -> int:
     """Enough vocab splits that the grid fills the GPU (~2 programs per SM) for small N."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     want = triton.cdiv(2 * sms, triton.cdiv(n_rows, block_n))
-    return max(1, min(want, triton.cdiv(V, _MAX_BLOCK_V)))
+    return max(1, min(want, triton.cdiv(V, _SPLIT_ALIGN)))
 
 
 def _split_partials(N, V, n_split, device):
-    v_per_split = triton.cdiv(triton.cdiv(V, n_split), _MAX_BLOCK_V) * _MAX_BLOCK_V
+    v_per_split = triton.cdiv(triton.cdiv(V, n_split), _SPLIT_ALIGN) * _SPLIT_ALIGN
     n_split = triton.cdiv(V, v_per_split)  # every split starts below V (no empty split)
     bufs = [_alloc((n_split, N), torch.float32, device) for _ in range(4)]
     return v_per_split, n_split, bufs
@@ -282,15 +286,18 @@ def logprobs_fwd_triton(hidden, weight, targets, inv_temp: float, n_split: int |
     return _combine(m, s, a, zt)
 
 
-def logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp: float, chunk_size: int):
-    """d hidden [N, H] (hidden's dtype). g_lp/g_ent [N] fp32 already zero on ignored rows; g_ent may be
-    None. dz is materialized one token chunk at a time ([chunk, V] in the weight's dtype)."""
+def logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp: float, chunk_size: int,
+                        need_dw: bool = False):
+    """(d hidden [N, H] in hidden's dtype, d weight [V, H] in weight's dtype or None). g_lp/g_ent [N]
+    fp32 already zero on ignored rows; g_ent may be None. dz is materialized one token chunk at a time
+    ([chunk, V] in the weight's dtype); d weight (only for a trainable head) sums dz.T @ h in fp32."""
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
     (N, H), V = hidden.shape, weight.shape[0]
     upcast, precision = _gemm_flags(hidden, weight)
     has_gent = g_ent is not None
     dh = _alloc((N, H), hidden.dtype, hidden.device)
     dz = _alloc((min(chunk_size, N), V), weight.dtype, hidden.device)
+    dw = torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if need_dw else None
     for c0 in range(0, N, chunk_size):
         c1 = min(c0 + chunk_size, N)
         n = c1 - c0
@@ -301,7 +308,9 @@ def logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp:
                                    hidden.stride(0), weight.stride(0), dz.stride(0), inv_temp,
                                    HAS_GENT=has_gent, UPCAST=upcast, PRECISION=precision)
         dh[c0:c1] = (dz[:n] @ weight).to(hidden.dtype)  # [n, V] @ [V, H]: cuBLAS on GPU
-    return dh
+        if need_dw:
+            dw += (dz[:n].T @ hidden[c0:c1].to(dz.dtype)).float()  # [V, n] @ [n, H]
+    return dh, None if dw is None else dw.to(weight.dtype)
 
 
 def logits_fwd_triton(logits, targets, inv_temp: float, n_split: int | None = None):
@@ -344,8 +353,9 @@ def _ct(*xs):  # compute dtype: fp32, or fp64 when an input is fp64 (gradcheck)
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def logprobs_fwd_torch(hidden, weight, targets, inv_temp, chunk_size=None):
-    """Same contract as logprobs_fwd_triton; tiles of [chunk, 8192] logits in fp32."""
+def logprobs_fwd_torch(hidden, weight, targets, inv_temp, chunk_size=None, entropy=True):
+    """Same contract as logprobs_fwd_triton; tiles of [chunk, 8192] logits in fp32, worked on in place
+    (one tile alive). entropy=False skips the entropy accumulator (E[z] and entropy are then junk)."""
     (N, _), V = hidden.shape, weight.shape[0]
     ct = _ct(hidden, weight)
     nc, vc = _torch_chunks(N, V, chunk_size)
@@ -356,40 +366,58 @@ def logprobs_fwd_torch(hidden, weight, targets, inv_temp, chunk_size=None):
         parts = []  # per vocab chunk: (m, s, a, zt), each [n]
         for v0 in range(0, V, vc):
             w = weight[v0:v0 + vc].to(ct)  # upcasts one vocab slice only
-            z = (h @ w.T) * inv_temp  # (n, vc)
-            m = z.max(1).values
-            d = z - m[:, None]
-            e = d.exp()
+            z = h @ w.T  # (n, vc)
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
             inside = (t >= v0) & (t < v0 + w.shape[0])
             zt = z.gather(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None]).squeeze(1)
-            parts.append((m, e.sum(1), (e * d).sum(1), torch.where(inside, zt, 0.0)))
-            del z, d, e
+            if entropy:
+                m = z.amax(1)
+                d = z.sub_(m[:, None])  # z - m, in place
+                e = d.exp()
+                s_k = e.sum(1)
+                a_k = e.mul_(d).sum(1)
+                del d, e
+            else:  # (m, s) = (lse of the chunk, 1): one fused pass
+                m = torch.logsumexp(z, 1)
+                s_k, a_k = torch.ones_like(m), torch.zeros_like(m)
+            parts.append((m, s_k, a_k, torch.where(inside, zt, 0.0)))
+            del z
         outs.append(_combine(*(torch.stack(p) for p in zip(*parts))))
     return tuple(torch.cat(o) for o in zip(*outs))
 
 
-def logprobs_bwd_torch(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp, chunk_size=None):
+def logprobs_bwd_torch(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp, chunk_size=None,
+                       need_dw=False):
+    """Same contract as logprobs_bwd_triton, recomputing [chunk, 8192] fp32 tiles."""
     (N, H), V = hidden.shape, weight.shape[0]
     ct = _ct(hidden, weight)
     nc, vc = _torch_chunks(N, V, chunk_size)
     dh = torch.empty((N, H), dtype=hidden.dtype, device=hidden.device)
+    dw = torch.zeros((V, H), dtype=ct, device=hidden.device) if need_dw else None
     for c0 in range(0, N, nc):
         h = hidden[c0:c0 + nc].to(ct)
         t, lse_c, g = targets[c0:c0 + nc], lse[c0:c0 + nc, None].to(ct), g_lp[c0:c0 + nc].to(ct)
         acc = torch.zeros(h.shape, dtype=ct, device=h.device)
         for v0 in range(0, V, vc):
             w = weight[v0:v0 + vc].to(ct)
-            z = (h @ w.T) * inv_temp  # (n, vc)
-            p = (z - lse_c).exp_()
-            dz = p * -g[:, None]
+            logp = (h @ w.T).mul_(inv_temp).sub_(lse_c)  # (n, vc) log p = z - lse, in place
+            p = logp.exp()
+            if g_ent is None:
+                dz = p.mul_(-g[:, None])
+            else:  # g_ent * p * (E[z] - z) = g_ent * p * ((E[z] - lse) - log p), then - g * p
+                ez_c = ez[c0:c0 + nc, None].to(ct) - lse_c
+                dz = logp.neg_().add_(ez_c).mul_(p).mul_(g_ent[c0:c0 + nc, None].to(ct))
+                dz.addcmul_(p, g[:, None], value=-1.0)
             inside = (t >= v0) & (t < v0 + w.shape[0])
-            dz.scatter_add_(1, (t - v0).clamp(0, w.shape[0] - 1)[:, None], torch.where(inside, g, 0.0)[:, None])
-            if g_ent is not None:
-                dz += g_ent[c0:c0 + nc, None].to(ct) * p * (ez[c0:c0 + nc, None].to(ct) - z)
-            acc += dz @ w
-            del z, p, dz
+            idx = (t - v0).clamp(0, w.shape[0] - 1)[:, None]
+            dz.scatter_add_(1, idx, torch.where(inside, g, 0.0)[:, None])  # + g * onehot(target)
+            acc.addmm_(dz, w)
+            if need_dw:
+                dw[v0:v0 + vc].addmm_(dz.T, h, alpha=inv_temp)
+            del logp, p, dz
         dh[c0:c0 + nc] = (acc * inv_temp).to(hidden.dtype)
-    return dh
+    return dh, None if dw is None else dw.to(weight.dtype)
 
 
 def logits_fwd_torch(logits, targets, inv_temp, chunk_size=None):
@@ -437,15 +465,18 @@ def _valid_grads(valid, g_lp, g_ent, ct):
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
-    """(hidden [N, H], weight [V, H] frozen, targets [N]) -> (logprobs [N], entropy [N]); grad: hidden."""
+    """(hidden [N, H], weight [V, H], targets [N]) -> (logprobs [N], entropy [N]); grad: hidden, and the
+    weight only when it requires grad (a trainable head, full-fine-tune SFT)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, backend, chunk_size, entropy):
         inv_temp = 1.0 / float(temperature)
-        if backend == "triton":
+        if backend == "triton":  # the entropy accumulator costs nothing measurable in registers
             zt, lse, ez, ent = logprobs_fwd_triton(hidden, weight, targets, inv_temp)
         else:
-            zt, lse, ez, ent = logprobs_fwd_torch(hidden, weight, targets, inv_temp, chunk_size)
+            zt, lse, ez, ent = logprobs_fwd_torch(hidden, weight, targets, inv_temp, chunk_size, entropy)
+        if not entropy:  # not returned to the caller, so no gradient can arrive through it
+            ent = torch.zeros_like(lse)
         valid = targets != ignore_index
         ctx.save_for_backward(hidden, weight, targets, lse, ez, valid)
         ctx.inv_temp, ctx.backend, ctx.chunk_size = inv_temp, backend, chunk_size
@@ -455,16 +486,19 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, targets, lse, ez, valid = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (g_lp is None and g_ent is None):
-            return (None,) * 7
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_dh or need_dw) or (g_lp is None and g_ent is None):
+            return (None,) * 8
         g_lp, g_ent = _valid_grads(valid, g_lp, g_ent, lse.dtype)
         if ctx.backend == "triton":
             N, V = hidden.shape[0], weight.shape[0]
             chunk = ctx.chunk_size or max(64, ((1 << 26) // V) // 64 * 64)  # dz chunk ~2**26 elements
-            dh = logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, ctx.inv_temp, min(chunk, N))
+            dh, dw = logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, ctx.inv_temp,
+                                         min(chunk, N), need_dw)
         else:
-            dh = logprobs_bwd_torch(hidden, weight, targets, lse, ez, g_lp, g_ent, ctx.inv_temp, ctx.chunk_size)
-        return dh, None, None, None, None, None, None
+            dh, dw = logprobs_bwd_torch(hidden, weight, targets, lse, ez, g_lp, g_ent, ctx.inv_temp,
+                                        ctx.chunk_size, need_dw)
+        return dh if need_dh else None, dw, None, None, None, None, None, None
 
 
 class LogitsLogprobsFunction(torch.autograd.Function):
@@ -504,23 +538,27 @@ def _check_common(temperature, targets, lead_shape):
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, ignore_index=-100,
-                   return_entropy=False, backend=None, chunk_size=None):
+                   return_entropy=False, backend=None, chunk_size=None, *, weight_grad=False):
     """hidden [..., H] (float32/16, bf16), weight [V, H] frozen, targets [...] int64.
 
     Returns logprobs [...] float32 (0.0 where targets == ignore_index), or (logprobs, entropy) when
     return_entropy=True (entropy [...] float32, 0 at ignored rows). Logits are hidden @ weight.T /
     temperature, accumulated in fp32 and never materialized beyond one tile/chunk. Differentiable
-    w.r.t. hidden through BOTH outputs. The head is frozen: a weight that requires grad is an error
-    (pass ``weight.detach()``). Targets must lie in [0, V) except for ignore_index.
+    w.r.t. hidden through BOTH outputs. Targets must lie in [0, V) except for ignore_index.
     ``chunk_size``: tokens per chunk of the torch backend and of the triton backward (None: auto).
+    The head is frozen by default: a weight that requires grad is an error (pass ``weight.detach()``)
+    unless ``weight_grad=True`` (trainable head, full-fine-tune SFT), which also returns d weight
+    (an fp32 [V, H] accumulator in backward).
     """
     _check_common(temperature, targets, hidden.shape[:-1])
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("token_logprobs computes no weight gradient (frozen head); pass weight.detach()")
+    if weight.requires_grad and torch.is_grad_enabled() and not weight_grad:
+        raise ValueError("weight requires grad but the head is frozen by default; pass weight.detach(), "
+                         "or weight_grad=True for a trainable head")
     backend = resolve_backend(backend, hidden)
     lead = targets.shape
-    lp, ent = TokenLogprobsFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                          temperature, ignore_index, backend, chunk_size)
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()  # (N, H), (N,)
+    lp, ent = TokenLogprobsFunction.apply(flat_h, weight, flat_t, temperature, ignore_index, backend,
+                                          chunk_size, return_entropy)
     lp, ent = lp.reshape(lead), ent.reshape(lead)
     return (lp, ent) if return_entropy else lp
 
@@ -540,7 +578,7 @@ def logprobs_from_logits(logits, targets, temperature=1.0, ignore_index=-100, re
     _check_common(temperature, targets, logits.shape[:-1])
     backend = resolve_backend(backend, logits)
     lead = targets.shape
-    lp, ent = LogitsLogprobsFunction.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    lp, ent = LogitsLogprobsFunction.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
                                            temperature, ignore_index, backend)
     lp, ent = lp.reshape(lead), ent.reshape(lead)
     return (lp, ent) if return_entropy else lp
@@ -549,7 +587,7 @@ def logprobs_from_logits(logits, targets, temperature=1.0, ignore_index=-100, re
 def logprobs_from_logits_reference(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
     logp = torch.log_softmax(logits.to(_ct(logits)) / temperature, dim=-1)  # (..., V)
     valid = targets != ignore_index
-    lp = logp.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    lp = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
     lp = torch.where(valid, lp, 0.0)
     if not return_entropy:
         return lp

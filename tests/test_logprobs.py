@@ -162,6 +162,8 @@ def test_leading_dims(backend):
     lp_flat, ent_flat = L.token_logprobs(hidden.reshape(-1, H), weight, targets.reshape(-1), 0.9,
                                          return_entropy=True, backend=backend)
     assert lp.shape == (B, T) and ent.shape == (B, T)
+    lp32 = L.token_logprobs(hidden, weight, targets.int(), 0.9, backend=backend)  # int32 targets too
+    torch.testing.assert_close(lp32, lp, atol=0, rtol=0)
     torch.testing.assert_close(lp.reshape(-1), lp_flat, atol=0, rtol=0)
     torch.testing.assert_close(ent.reshape(-1), ent_flat, atol=0, rtol=0)
     ref = L.token_logprobs_reference(hidden, weight, targets, 0.9)
@@ -195,6 +197,30 @@ def test_triton_vocab_splits_agree(n_split):
     _assert_within(zt - lse, base[0], truth[0], f"n_split={n_split} logprobs")
     _assert_within(ent, base[1], truth[1], f"n_split={n_split} entropy")
     _assert_within(lse - ez, base[1], truth[1], f"n_split={n_split} lse - E[z]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_trainable_head_weight_grad(backend, dtype):
+    # weight_grad=True (full-fine-tune SFT trains lm_head): d weight through both outputs, vs the
+    # reference's autograd d weight; several token and vocab chunks, ignored rows contribute nothing
+    N, H, V = 29, 40, 700
+    hidden, weight, targets = _inputs(N, H, V, dtype)
+    targets[[2, 11]] = -100
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+
+    def run(fn, h, w, **kw):
+        h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        lp, ent = fn(h, w, targets, 0.8, return_entropy=True, **kw)
+        (lp * g_lp.to(lp.dtype) + ent * g_ent.to(lp.dtype)).sum().backward()
+        return h.grad, w.grad
+
+    ours = run(L.token_logprobs, hidden, weight, backend=backend, chunk_size=8, weight_grad=True)
+    base = run(_naive, hidden, weight)
+    truth = run(L.token_logprobs_reference, hidden.double(), weight.double())
+    assert ours[1].dtype == dtype
+    _assert_within(ours[0], base[0], truth[0], f"{backend} {dtype} d hidden (trainable head)")
+    _assert_within(ours[1], base[1], truth[1], f"{backend} {dtype} d weight")
 
 
 def test_frozen_head_and_argument_checks():
