@@ -336,9 +336,11 @@ class LlavaModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 greedy: bool = False, stop_ids: tuple[int, ...] = (), generator: Optional[torch.Generator] = None
-                 ) -> GenerationOutput:
-        """Batched sampling from LEFT-padded prompts ``[B, T]`` with a static KV cache."""
+                 greedy: bool = False, stop_ids: tuple[int, ...] = (), generator: Optional[torch.Generator] = None,
+                 suppress_ids: tuple[int, ...] = ()) -> GenerationOutput:
+        """Batched sampling from LEFT-padded prompts ``[B, T]`` with a static KV cache.
+        ``suppress_ids`` are never sampled (RL rollouts suppress ``<image>`` and padding, whose
+        ids would be misread when the response is scored)."""
         B, T = input_ids.shape
         dev = input_ids.device
         if attention_mask is None:
@@ -356,6 +358,8 @@ class LlavaModel(nn.Module):
         next_pos = mask.sum(-1)  # (B,) position id of the next token
         for t in range(max_new_tokens):
             logits = self.logits(hidden).float()  # (B, V)
+            if suppress_ids:
+                logits[:, list(suppress_ids)] = float("-inf")
             nxt = sample(logits, temperature, top_p, top_k, greedy, generator)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_token_id), nxt)
             tokens[:, t] = nxt

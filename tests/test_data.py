@@ -256,11 +256,15 @@ def test_ppo_prompts_every_caption_type(tok, root):
             assert e.query_ids.count(tok.convert_tokens_to_ids("<image>")) == NIT
         else:
             assert e.captions == [] and tok.convert_tokens_to_ids("<image>") not in e.query_ids
-    # prompts longer than max_prompt_len are dropped and counted
-    n = len(exs[1].query_ids)
+    # prompts longer than max_prompt_len TEXT tokens (image positions excluded) are dropped and counted
+    text_len = lambda e: len(e.query_ids) - (NIT if e.image else 0)  # noqa: E731
+    n = text_len(exs[1])
     short = D.load_ppo_prompts(root / "ppo.json", tok, NIT, n - 1, caps)
-    assert short.stats.n_too_long == sum(len(e.query_ids) > n - 1 for e in exs) > 0
+    assert short.stats.n_too_long == sum(text_len(e) > n - 1 for e in exs) > 0
     assert len(short) + short.stats.n_too_long == 7
+    # a limit below the expanded length but above the text length keeps the prompt
+    keep = D.load_ppo_prompts(root / "ppo.json", tok, NIT, max(len(e.query_ids) for e in exs) - 1, caps)
+    assert len(keep) == 7 and NIT > 0
 
 
 @pytest.mark.parametrize(

@@ -482,7 +482,9 @@ def load_ppo_prompts(
     system: str = SYSTEM_PROMPT,
 ) -> Examples:
     """PPO prompts -> [PromptExample] (query ends with "ASSISTANT:"); prompts longer than
-    ``max_prompt_len`` are dropped and counted (``.stats.n_too_long``, logged)."""
+    ``max_prompt_len`` TEXT tokens are dropped and counted (``.stats.n_too_long``, logged). The
+    expanded image tokens do not count: the original recipe's 128-token query limit is on text
+    (LLaVA-1.5 adds 576 image positions to every prompt)."""
 
     def one(rec, i):
         img = _record_image(rec, path, i, image_folder)
@@ -495,7 +497,7 @@ def load_ppo_prompts(
             raise DataError(path, i, "length_bonus", f"expected a finite number, got {lb!r}")
         facts = _facts_for(img, captions, path, i)
         q = render_query(tokenizer, turns[0][1], num_image_tokens, img is not None, system)
-        if len(q) > max_prompt_len:
+        if len(q) - (num_image_tokens if img is not None else 0) > max_prompt_len:
             return None
         return PromptExample(
             query_ids=q,

@@ -32,7 +32,8 @@ def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new
         px = [images(it["image"]) for it in items if it.get("image")]
         feats = model.encode_images(torch.stack(px).to(device)) if px else None
         with model.adapter(adapter):
-            g = model.generate(ids, mask, image_features=feats, max_new_tokens=max_new_tokens, greedy=True)
+            g = model.generate(ids, mask, image_features=feats, max_new_tokens=max_new_tokens, greedy=True,
+                               suppress_ids=(model.image_token_id, tok.pad_token_id))
         return [tok.decode(g.tokens[i, :int(g.lengths[i])].tolist(), skip_special_tokens=True).strip()
                 for i in range(len(items))]
 

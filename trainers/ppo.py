@@ -109,7 +109,8 @@ def rollout(model, tok, prompts: list, images, cfg: Config, device, generator) -
         with model.adapter(POLICY), autocast(device, cfg.model.dtype):
             g = model.generate(b["input_ids"], b["attention_mask"], image_features=feats,
                                max_new_tokens=p.max_response_len, temperature=p.temperature, top_p=p.top_p,
-                               top_k=p.top_k, generator=generator)
+                               top_k=p.top_k, generator=generator,
+                               suppress_ids=(model.image_token_id, tok.pad_token_id))
         chunks.append((ex, b, feats, g))
     Q = max(c[1]["input_ids"].shape[1] for c in chunks)
     R = max(int(c[3].lengths.max()) for c in chunks)
