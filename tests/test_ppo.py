@@ -84,3 +84,175 @@ def test_adaptive_kl_moves_towards_target():
     assert c.coef == pytest.approx(0.102)
     c.update(0.5, 10)  # error −0.5 → clipped −0.2 → ×0.98
     assert c.coef == pytest.approx(0.102 * 0.98)
+
+
+# ---- on the model: roles on one base, and a short run ------------------------------------------------
+MICRO = ["model.tiny.hidden_size=48", "model.tiny.num_layers=2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
+         "model.tiny.intermediate_size=96", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=2",
+         "model.tiny.vision_heads=2", "model.tiny.vocab_size=512", "model.lora.r=4", "model.lora.alpha=8",
+         "data.shapes_n=96", "run.progress=false", "data.max_prompt_len=200", "data.max_seq_len=320",
+         "sft.batch_size=16", "sft.max_steps=60", "sft.lr=3e-3", "sft.save_every=1000", "sft.warmup_ratio=0.05",
+         "rm.batch_size=16", "rm.max_steps=30", "rm.lr=3e-3", "rm.save_every=1000", "rm.eval_every=0",
+         # the RM score alone is the reward (the other shaping terms are tested by hand above), and
+         # every step rolls out the same 96 prompts, so only the responses move the mean reward
+         "ppo.rollout_batch_size=96", "ppo.rollout_chunk_size=48", "ppo.step_batch_size=48", "ppo.batch_size=48",
+         "ppo.max_response_len=12", "ppo.total_steps=6", "ppo.lr=1e-2", "ppo.warmup_steps=0", "ppo.schedule=constant",
+         "ppo.save_every=3", "ppo.no_eos_penalty=0", "ppo.length_penalty=0", "ppo.correct_bonus=0"]
+
+
+@pytest.fixture(scope="module")
+def sft_rm(tmp_path_factory):
+    """A micro SFT model and a reward model trained on ShapesWorld (about 15 s)."""
+    from factrl.trainers.config import load_config
+    from factrl.trainers.rm import train_rm
+    from factrl.trainers.sft import train_sft
+
+    root = tmp_path_factory.mktemp("ppo")
+    cfg = load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"])
+    train_sft(cfg)
+    train_rm(cfg)
+    return root
+
+
+def _cfg(root, out, *extra):
+    from factrl.trainers.config import load_config
+
+    return load_config("tiny", MICRO + [f"run.out_dir={out}", f"data.root={root}/data", f"ppo.base={root}/sft/final",
+                                        f"ppo.reward_adapter={root}/rm/reward_adapter", *extra])
+
+
+def _rm_curve(out):
+    from factrl.trainers.common import read_metrics
+
+    return [(r["reward/rm"], r["kl"]) for r in read_metrics(out / "ppo" / "metrics.jsonl")]
+
+
+def test_roles_share_one_base_reference_is_sft_and_grads_reach_only_trainables(sft_rm):
+    from factrl.kernels.nf4 import NF4Weight  # noqa: F401
+    from factrl.model.io import load_llava
+    from factrl.trainers import ppo as P
+    from factrl.trainers.common import StepGuard, make_optimizer, resolve_device
+    from factrl.trainers.data import load_captions, load_ppo_prompts
+    from factrl.trainers.setup import load_assets
+
+    cfg = _cfg(sft_rm, sft_rm / "roles")
+    dev = resolve_device("cpu")
+    a = load_assets(cfg, sft_rm / "sft" / "final", quantize=True, device=dev)
+    model, tok = a.model, a.tokenizer
+    base_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".adapters." not in n)
+    params = P.build_roles(model, cfg, cfg.ppo.reward_adapter)
+    # the base is counted once: roles added no base-sized tensor, only adapters and heads
+    assert sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".adapters." not in n) == base_bytes
+    new = {n for n, _ in model.named_parameters() if ".adapters." in n or n.startswith("heads.")}
+    assert all(any(f".adapters.{r}." in n for r in ("policy", "value", "reward")) or n.startswith("heads.")
+               for n in new)
+    assert {r for r in ("policy", "value", "reward")} == set(model.adapter_state.names)
+
+    # a rollout, scored
+    caps = load_captions(a.data_root / cfg.data.captions_file)
+    prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, tok, a.num_image_tokens, 200, caps)[:8]
+    ro = P.rollout(model, tok, prompts, a.images, cfg, dev, torch.Generator().manual_seed(0))
+    P.score(model, tok, ro, cfg, dev)
+    # reference log-probs == the SFT model's own log-probs (separately loaded, no adapters at all)
+    sft = load_llava(sft_rm / "sft" / "final", quantize=True).eval()
+    with torch.no_grad():
+        b = ro.select(list(range(8)))
+        h = sft(b["input_ids"], b["attention_mask"], image_features=b["image_features"])
+        ref = P.response_logprobs(sft, h, b, cfg.ppo.temperature)
+    assert torch.equal(ro.ref_logprobs, ref)
+    # the fresh policy (LoRA B = 0) starts exactly at the reference
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+
+    # one update: gradients reach policy adapter, value adapter and value head only
+    ro.advantages = torch.randn_like(ro.logprobs) * ro.response_mask
+    ro.returns = torch.randn_like(ro.values) * ro.response_mask
+    opt, sch = make_optimizer(params, cfg.ppo, 10)
+    seen = {}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, n=n: seen.__setitem__(n, float(g.abs().sum())))
+    P.ppo_update(model, ro, params, opt, sch, StepGuard(3), cfg, dev, torch.Generator().manual_seed(0))
+    got = {n for n, v in seen.items() if v > 0}
+    assert all(dict(model.named_parameters())[n].grad is None for n in frozen)
+    allowed = {n for n, _ in model.named_parameters()
+               if ".adapters.policy." in n or ".adapters.value." in n or n.startswith("heads.value.")}
+    assert got and got <= allowed
+    assert any(".adapters.policy." in n for n in got) and any(".adapters.value." in n for n in got)
+    assert "heads.value.weight" in got
+
+
+def _paired_rm_eval(root, cfg, adapter_dirs, k=4, seed=123):
+    """Mean RM reward of each policy on the same prompts, k samples each, drawn with one shared
+    generator seed (common random numbers pair the policies' samples). Returns {name: [n_prompts]}."""
+    from factrl.model.io import load_adapter
+    from factrl.trainers import ppo as P
+    from factrl.trainers.common import resolve_device
+    from factrl.trainers.data import load_captions, load_ppo_prompts
+    from factrl.trainers.setup import load_assets
+
+    dev = resolve_device("cpu")
+    a = load_assets(cfg, root / "sft" / "final", quantize=True, device=dev)
+    P.build_roles(a.model, cfg, cfg.ppo.reward_adapter)
+    caps = load_captions(a.data_root / cfg.data.captions_file)
+    prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, a.tokenizer, a.num_image_tokens, 200, caps)
+    out = {}
+    for name, d in adapter_dirs.items():
+        if d is not None:
+            load_adapter(a.model, d, "policy", trainable=False)
+        ro = P.rollout(a.model, a.tokenizer, list(prompts) * k, a.images, cfg, dev, torch.Generator().manual_seed(seed))
+        out[name] = P.score(a.model, a.tokenizer, ro, cfg, dev).view(k, -1).mean(0)
+    return out
+
+
+def test_short_ppo_run_raises_rm_reward_and_broken_updates_do_not(sft_rm, tmp_path, monkeypatch):
+    from factrl.trainers import ppo as P
+
+    P.train_ppo(_cfg(sft_rm, tmp_path / "ppo"))
+    P.train_ppo(_cfg(sft_rm, tmp_path / "noop", "ppo.lr=0"))  # an update that changes nothing
+    real = P.policy_loss
+    monkeypatch.setattr(P, "policy_loss", lambda *a, **k: (lambda r: (-r[0], *r[1:]))(real(*a, **k)))
+    P.train_ppo(_cfg(sft_rm, tmp_path / "wrong", "ppo.vf_coef=0"))  # ascends the wrong sign
+    monkeypatch.undo()
+    good, noop, wrong = (_rm_curve(tmp_path / d) for d in ("ppo", "noop", "wrong"))
+    assert good[0] == noop[0] == wrong[0]  # same seeds: the first rollout (before any update) is shared
+    # KL to the reference grows from 0 but stays bounded; the no-op never leaves the reference
+    kls = [kl for _, kl in good]
+    assert kls[0] == 0.0 and 0.0 < max(kls) < 5.0
+    assert all(kl == 0.0 for _, kl in noop)
+
+    # The RM reward of each final policy vs the SFT policy, paired per prompt.
+    r = _paired_rm_eval(sft_rm, _cfg(sft_rm, tmp_path / "eval"),
+                        {"sft": None, **{n: tmp_path / n / "ppo" / "policy_adapter" for n in ("noop", "ppo", "wrong")}})
+    n = r["sft"].numel()
+    se = lambda d: float(d.std() / n ** 0.5)  # noqa: E731  standard error of a mean paired difference
+    assert torch.equal(r["noop"], r["sft"])  # lr=0 is exactly the SFT policy
+    d_good, d_wrong = r["ppo"] - r["sft"], r["wrong"] - r["sft"]
+    print(f"RM reward vs SFT: ppo {float(d_good.mean()):+.4f} ± {se(d_good):.4f}, "
+          f"wrong sign {float(d_wrong.mean()):+.4f} ± {se(d_wrong):.4f}")
+    assert float(d_good.mean()) > 3 * se(d_good), (float(d_good.mean()), se(d_good))
+    assert float(d_wrong.mean()) < float(d_good.mean()) - 3 * se(d_good - d_wrong), \
+        (float(d_wrong.mean()), float(d_good.mean()))
+
+
+def test_ppo_resumes_after_a_kill(sft_rm, tmp_path, monkeypatch):
+    from factrl.trainers import ppo as P
+    from factrl.trainers.common import Checkpoints, read_metrics
+
+    P.train_ppo(_cfg(sft_rm, tmp_path / "straight", "ppo.total_steps=4", "ppo.save_every=2"))
+    orig = Checkpoints.save
+
+    def die_after_2(self, step, state, cfg):
+        p = orig(self, step, state, cfg)
+        if step == 2:
+            raise KeyboardInterrupt
+        return p
+
+    monkeypatch.setattr(Checkpoints, "save", die_after_2)
+    with pytest.raises(KeyboardInterrupt):
+        P.train_ppo(_cfg(sft_rm, tmp_path / "killed", "ppo.total_steps=4", "ppo.save_every=2"))
+    monkeypatch.setattr(Checkpoints, "save", orig)
+    P.train_ppo(_cfg(sft_rm, tmp_path / "killed", "ppo.total_steps=4", "ppo.save_every=2", "run.resume=auto"))
+    keys = ("reward", "kl", "policy_loss", "value_loss", "response_len")
+    rows = lambda d: [{k: r[k] for k in keys} for r in read_metrics(d / "ppo" / "metrics.jsonl")]  # noqa: E731
+    assert rows(tmp_path / "killed") == rows(tmp_path / "straight")  # rollout RNG included
