@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
 from factrl.kernels.logprobs import token_logprobs  # noqa: E402
 
 MODES = ("fwd", "bwd", "full")

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4  # noqa: E402
 from factrl.kernels.nf4_lora import nf4_lora  # noqa: E402
 

@@ -28,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from factrl.kernels._backend import resolve_backend
 
 KL_ESTIMATORS = ("k1", "k1_clamp", "k2", "k3")

@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from factrl.kernels._backend import resolve_backend
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4
 

@@ -6,11 +6,12 @@ import tempfile
 
 import pytest
 import torch
-from factrl.model.tokenizer import build_tokenizer
-from factrl.trainers import data as D
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
+from factrl.model.tokenizer import build_tokenizer
+from factrl.trainers import data as D
 
 NIT = 4  # image tokens per image in these tests
 SYS = D.SYSTEM_PROMPT

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+
 from factrl.trainers import evaluate as E
 from factrl.trainers import shapes as S
 

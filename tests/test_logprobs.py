@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 from factrl.kernels import logprobs as L
 
 FACTOR = 4.0

@@ -6,7 +6,14 @@ import shutil
 import pytest
 import torch
 
-from factrl.model.io import CheckpointError, load_adapter, load_llava, load_tokenizer, save_adapter, save_llava_hf
+from factrl.model.io import (
+    CheckpointError,
+    load_adapter,
+    load_llava,
+    load_tokenizer,
+    save_adapter,
+    save_llava_hf,
+)
 from factrl.model.tiny import build_tiny_checkpoint
 from factrl.trainers.config import TinyModelConfig
 

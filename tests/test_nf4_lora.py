@@ -11,6 +11,7 @@ interpreter's fp32 upcast); true bf16 tensor-core checks are the ``gpu`` tests.
 
 import pytest
 import torch
+
 from factrl.kernels import nf4_lora as F
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from factrl.kernels.nf4_lora import nf4_dequantize_triton, nf4_lora, nf4_lora_reference

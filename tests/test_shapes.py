@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from factrl.model.tokenizer import build_tokenizer
 from factrl.trainers import data as D
 from factrl.trainers import evaluate as E
 from factrl.trainers import shapes as S
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,22 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from factrl.trainers.common import (Checkpoints, Logger, StepGuard, all_reduce_grads, batch_indices,
-                                    init_distributed, load_trainable_state, make_optimizer, plot_curves,
-                                    read_metrics, rng_state, set_rng_state, stage_dir, trainable_state)
+from factrl.trainers.common import (
+    Checkpoints,
+    Logger,
+    StepGuard,
+    all_reduce_grads,
+    batch_indices,
+    init_distributed,
+    load_trainable_state,
+    make_optimizer,
+    plot_curves,
+    read_metrics,
+    rng_state,
+    set_rng_state,
+    stage_dir,
+    trainable_state,
+)
 from factrl.trainers.config import Config, save_config
 
 

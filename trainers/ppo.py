@@ -25,14 +25,29 @@ import torch
 
 from factrl.kernels.gae import gae, masked_mean, masked_whiten
 from factrl.kernels.logprobs import token_logprobs
-from factrl.trainers.common import (Checkpoints, Logger, StepGuard, all_reduce_grads, autocast, epoch_order,
-                                    load_trainable_state, make_optimizer, plot_curves, read_metrics,
-                                    resolve_device, rng_state, seed_everything, set_rng_state, stage_dir,
-                                    trainable_state)
+from factrl.trainers.common import (
+    Checkpoints,
+    Logger,
+    StepGuard,
+    all_reduce_grads,
+    autocast,
+    epoch_order,
+    load_trainable_state,
+    make_optimizer,
+    plot_curves,
+    read_metrics,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    stage_dir,
+    trainable_state,
+)
 from factrl.trainers.config import Config, save_config
 from factrl.trainers.data import build_rm_input, collate_prompts, is_correct, load_captions, load_ppo_prompts
 from factrl.trainers.rl import AdaptiveKL, policy_loss, shape_rewards, value_loss
-from factrl.trainers.rm import ROLE as REWARD, last_token_scores
+from factrl.trainers.rm import ROLE as REWARD
+from factrl.trainers.rm import last_token_scores
 from factrl.trainers.setup import load_assets, stage_base, to_device
 
 POLICY, VALUE = "policy", "value"
@@ -263,8 +278,8 @@ def train_ppo(cfg: Config) -> dict:
 
     # Prompts (too-long ones dropped and counted)
     captions = load_captions(a.data_root / cfg.data.captions_file)
-    prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, tok, a.num_image_tokens, cfg.data.max_prompt_len,
-                               captions, skip_bad=cfg.data.skip_bad_records,
+    prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, tok, a.num_image_tokens,
+                               cfg.data.max_prompt_len, captions, skip_bad=cfg.data.skip_bad_records,
                                image_folder=str(a.data_root / cfg.data.image_folder))
     st = prompts.stats
     print(f"[factrl] ppo: {st.n_loaded} prompts ({st.n_too_long} longer than max_prompt_len={cfg.data.max_prompt_len}"
@@ -345,7 +360,8 @@ def train_ppo(cfg: Config) -> dict:
             log.text("samples", "| prompt (tail) | response | reward |\n|---|---|---|\n" + table, step + 1)
             with open(out / "samples.jsonl", "a") as f:
                 for i in range(min(4, len(ro.texts))):
-                    f.write(json.dumps({"step": step + 1, "response": ro.texts[i], "reward": float(sh.total[i])}) + "\n")
+                    row = {"step": step + 1, "response": ro.texts[i], "reward": float(sh.total[i])}
+                    f.write(json.dumps(row) + "\n")
         log.log(step + 1, last)
         if (step + 1) % p.save_every == 0 or step + 1 == steps:
             ckpts.save(step + 1, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
