@@ -329,3 +329,34 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
+
+
+def save_state(ckpts: Checkpoints, step: int, cfg: Config, model, optimizer, scheduler, guard: StepGuard,
+               generators: dict | None = None, **extra) -> Path:
+    """Checkpoint everything a resumed run needs: trainable weights, optimizer, schedule, step
+    (= data position), NaN-guard counters, every RNG state, and stage extras (e.g. kl_coef)."""
+    return ckpts.save(step, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "step": step, "skipped": guard.skipped,
+                             "consecutive": guard.consecutive, "rng": rng_state(generators), **extra}, cfg)
+
+
+def resume_state(ckpts: Checkpoints, cfg: Config, model, optimizer, scheduler, guard: StepGuard,
+                 metrics_path: Path, generators: dict | None = None, rank: int = 0) -> tuple[int, dict]:
+    """Restore per ``run.resume``; returns (first step to run, the saved state or {}). Log rows of
+    steps the resumed run will redo are dropped; a fresh run starts a fresh log."""
+    path = ckpts.resolve(cfg.run.resume)
+    if path is None:
+        if rank == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        return 0, {}
+    st = Checkpoints.load(path)
+    load_trainable_state(model, st["model"])
+    optimizer.load_state_dict(st["optimizer"])
+    scheduler.load_state_dict(st["scheduler"])
+    guard.skipped, guard.consecutive = st["skipped"], st["consecutive"]
+    set_rng_state(st["rng"], generators)
+    if rank == 0:
+        rows = [r for r in read_metrics(metrics_path) if r["step"] <= st["step"]]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"[factrl] resumed from {path} at step {st['step']}")
+    return st["step"], st

@@ -21,14 +21,11 @@ from factrl.trainers.common import (
     all_reduce_grads,
     batch_indices,
     init_distributed,
-    load_trainable_state,
     make_optimizer,
     plot_curves,
-    read_metrics,
-    rng_state,
-    set_rng_state,
+    resume_state,
+    save_state,
     stage_dir,
-    trainable_state,
 )
 from factrl.trainers.config import Config, save_config
 
@@ -63,22 +60,7 @@ def supervised_loop(cfg: Config, loop, stage: str, model: torch.nn.Module, param
     guard = StepGuard(loop.max_nonfinite_skips)
     ckpts = Checkpoints(out / "checkpoints", keep=loop.keep_last)
 
-    # Resume: weights, optimizer, schedule, step (= data position), guard counters, RNG.
-    start = 0
-    resume_from = ckpts.resolve(cfg.run.resume)
-    if resume_from is not None:
-        st = Checkpoints.load(resume_from)
-        load_trainable_state(model, st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        start, guard.skipped, guard.consecutive = st["step"], st["skipped"], st["consecutive"]
-        set_rng_state(st["rng"])
-        if rank == 0:  # drop log rows of steps the resumed run will redo
-            rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= start]
-            (out / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
-            print(f"[factrl] {stage}: resumed from {resume_from} at step {start}")
-    elif rank == 0 and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    start, _ = resume_state(ckpts, cfg, model, optimizer, scheduler, guard, out / "metrics.jsonl", rank=rank)
 
     log = Logger(out, steps, stage, cfg.run.progress, rank, initial=start)
     global_batch = loop.batch_size * loop.grad_accum * world
@@ -115,9 +97,7 @@ def supervised_loop(cfg: Config, loop, stage: str, model: torch.nn.Module, param
             model.train()
         log.log(step + 1, last)
         if rank == 0 and ((step + 1) % loop.save_every == 0 or step + 1 == steps):
-            ckpts.save(step + 1, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "step": step + 1, "skipped": guard.skipped,
-                                  "consecutive": guard.consecutive, "rng": rng_state()}, cfg)
+            save_state(ckpts, step + 1, cfg, model, optimizer, scheduler, guard)
     log.close()
     if eval_fn is not None and not any(k.startswith("eval/") for k in last):
         last.update(eval_fn(steps))

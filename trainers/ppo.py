@@ -32,16 +32,13 @@ from factrl.trainers.common import (
     all_reduce_grads,
     autocast,
     epoch_order,
-    load_trainable_state,
     make_optimizer,
     plot_curves,
-    read_metrics,
     resolve_device,
-    rng_state,
+    resume_state,
+    save_state,
     seed_everything,
-    set_rng_state,
     stage_dir,
-    trainable_state,
 )
 from factrl.trainers.config import Config, save_config
 from factrl.trainers.data import build_rm_input, collate_prompts, is_correct, load_captions, load_ppo_prompts
@@ -297,20 +294,8 @@ def train_ppo(cfg: Config) -> dict:
     gens = {"rollout": gen, "shuffle": shuffle}
     ckpts = Checkpoints(out / "checkpoints", keep=p.keep_last)
 
-    start = 0
-    resume_from = ckpts.resolve(cfg.run.resume)
-    if resume_from is not None:
-        s = Checkpoints.load(resume_from)
-        load_trainable_state(model, s["model"])
-        optimizer.load_state_dict(s["optimizer"])
-        scheduler.load_state_dict(s["scheduler"])
-        start, kl_ctl.coef, guard.skipped, guard.consecutive = s["step"], s["kl_coef"], s["skipped"], s["consecutive"]
-        set_rng_state(s["rng"], gens)
-        rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] <= start]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"[factrl] ppo: resumed from {resume_from} at step {start}")
-    elif (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    start, st = resume_state(ckpts, cfg, model, optimizer, scheduler, guard, out / "metrics.jsonl", gens)
+    kl_ctl.coef = st.get("kl_coef", kl_ctl.coef)
 
     log = Logger(out, steps, "ppo", cfg.run.progress, initial=start)
     last: dict = {}
@@ -364,10 +349,7 @@ def train_ppo(cfg: Config) -> dict:
                     f.write(json.dumps(row) + "\n")
         log.log(step + 1, last)
         if (step + 1) % p.save_every == 0 or step + 1 == steps:
-            ckpts.save(step + 1, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "step": step + 1, "kl_coef": kl_ctl.coef,
-                                  "skipped": guard.skipped, "consecutive": guard.consecutive,
-                                  "rng": rng_state(gens)}, cfg)
+            save_state(ckpts, step + 1, cfg, model, optimizer, scheduler, guard, gens, kl_coef=kl_ctl.coef)
     log.close()
     plot_curves(out / "metrics.jsonl", out / "curves.png", ["reward", "reward/rm", "kl", "response_len"])
 
