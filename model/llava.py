@@ -253,7 +253,8 @@ class LlavaModel(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[n_img, 3, S, S]`` → projected features ``[n_img, P, H]`` (feature layer −2, CLS dropped)."""
-        with torch.no_grad():
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(trains):  # the tower is frozen unless a stage unfreezes it
             out = self.vision(pixel_values.to(self.vision.dtype), output_hidden_states=True)
         feats = out.hidden_states[self.vision_feature_layer]
         if self.select_strategy == "default":

@@ -110,6 +110,9 @@ class TrainLoopConfig:
 @dataclass
 class SFTConfig(TrainLoopConfig):
     mode: str = "full"  # full | qlora
+    # The original recipe freezes the (pretrained) CLIP tower. The tiny preset's tower is random,
+    # so it trains it too: a random frozen ViT carries colour but little shape.
+    train_vision_tower: bool = False
 
 
 @dataclass

@@ -50,6 +50,8 @@ def train_sft(cfg: Config) -> dict:
     if mode == "full":
         for m in (model.layers, model.norm, model.embed_tokens, model.lm_head, model.projector):
             m.requires_grad_(True)
+        if cfg.sft.train_vision_tower:
+            model.vision.requires_grad_(True)
         active = None
     else:
         lc = cfg.model.lora
