@@ -228,3 +228,29 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):
     # vanilla RM trains too
     res2 = train_rm(micro_cfg(shared_data, out, "rm.fact_augmented=false", "rm.max_steps=2"))
     assert res2["fact_augmented"] is False
+
+
+def test_sft_qlora_writes_peft_adapter_and_merged_checkpoint(shared_data, tmp_path):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from factrl.model.io import load_adapter, load_llava
+    from factrl.trainers.sft import train_sft
+
+    out = tmp_path / "qlora"
+    res = train_sft(micro_cfg(shared_data, out, "sft.mode=qlora", "sft.max_steps=3",
+                              "model.gradient_checkpointing=true"))
+    assert res["steps"] == 3 and all(isinstance(r["loss"], float) for r in read_metrics(out / "sft" / "metrics.jsonl"))
+    adapter, merged = out / "sft" / "adapter", out / "sft" / "final"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # the merged checkpoint == the NF4 base with the adapter active (up to the merge's fp32 rounding)
+    tok_ids = torch.tensor([[1, 5, 9, 12, 7]])
+    m = load_llava(merged).eval()
+    q = load_llava(out / "tiny_base", quantize=True).eval()
+    load_adapter(q, adapter, "sft")
+    with torch.no_grad(), q.adapter("sft"):
+        # the merged dense weights are the dequantized NF4 base + B·A·s
+        torch.testing.assert_close(m(tok_ids), q(tok_ids), rtol=1e-4, atol=1e-4)
+    # transformers + peft read both outputs
+    LlavaForConditionalGeneration.from_pretrained(str(merged))
+    PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(str(out / "tiny_base")), str(adapter))

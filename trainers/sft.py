@@ -1,9 +1,9 @@
 """SFT: answer-only next-token loss on LLaVA conversations (``factrl sft``, ``make train-sft``).
 
 Modes: ``full`` trains the decoder, embeddings, lm_head and projector (the vision tower stays
-frozen — the original recipe); ``qlora`` trains a LoRA adapter (and the projector) on the NF4
-base. The loss reads token log-probs from ``factrl.kernels.logprobs`` — never a full-vocab
-log_softmax. Output: ``<out>/sft/final`` in llava-hf format (plus the PEFT adapter for qlora).
+frozen — the original recipe — unless ``sft.train_vision_tower``); ``qlora`` trains a LoRA
+adapter on the NF4 base (the projector stays as it is). The loss reads token log-probs from
+``factrl.kernels.logprobs`` — never a full-vocab log_softmax. Output: ``<out>/sft/final`` in llava-hf format (plus the PEFT adapter for qlora).
 """
 
 from __future__ import annotations
@@ -55,8 +55,11 @@ def train_sft(cfg: Config) -> dict:
         active = None
     else:
         lc = cfg.model.lora
+        # Only the adapter trains, so the PEFT adapter alone reproduces the merged checkpoint
+        # (qlora is for pretrained checkpoints, whose projector is already trained).
         model.add_adapter(ADAPTER, lc.r, lc.alpha, lc.dropout, lc.targets)
-        model.projector.requires_grad_(True)
+        for p in model.adapter_parameters(ADAPTER):
+            p.requires_grad_(True)
         active = ADAPTER
     head_trainable = model.lm_head.weight.requires_grad
     params = [p for p in model.parameters() if p.requires_grad]
