@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from factrl.kernels._backend import HAS_FLASH_ATTN
+from factrl.kernels._backend import HAS_FLASH_ATTN, HAS_XFORMERS
 from factrl.model.lora import AdapterState, LoRALinear
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -98,6 +98,13 @@ def attention(q, k, v, mask: Optional[torch.Tensor], causal: bool):
         return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                causal=causal).transpose(1, 2)
     gqa = q.shape[1] != k.shape[1]
+    if HAS_XFORMERS and mask is None and causal and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        import xformers.ops as xops  # (B, T, nh, hd) layout; expand kv heads for GQA
+
+        rep = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(rep, dim=1) if gqa else t for t in (k, v))
+        return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_bias=xops.LowerTriangularMask()).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           enable_gqa=gqa)
 
