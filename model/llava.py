@@ -309,12 +309,29 @@ class LlavaModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.text_config.head_dim, self.text_config.rope_theta, x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(self._with_roles(layer), x, cos, sin, mask, cache,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length = S
         return self.norm(x)
+
+    def _with_roles(self, layer):
+        """The layer run with the adapter selection of *this* forward: backward recomputes it
+        after ``model.adapter(...)`` has exited, and must see the same roles."""
+        st = self.adapter_state
+        roles = (st.active, st.segments)
+
+        def run(*args):
+            prev = (st.active, st.segments)
+            st.active, st.segments = roles
+            try:
+                return layer(*args)
+            finally:
+                st.active, st.segments = prev
+
+        return run
 
     @staticmethod
     def _mask(attention_mask, T: int, past: int) -> Optional[torch.Tensor]:

@@ -267,3 +267,25 @@ def test_plan_counts_equal_the_tiny_model():
     assert c["lora_per_adapter"] == numel(m.adapter_parameters("policy"))
     assert c["head"] == numel(m.heads["value"].parameters())
     assert len(LINEAR_NAMES) == 7
+
+
+def test_gradient_checkpointing_keeps_the_role_and_the_gradients(ckpt):
+    """Backward recomputes checkpointed layers after `model.adapter(...)` has exited: the
+    recomputation must use the same adapter, and the gradients must equal the plain ones."""
+    m = load_llava(ckpt, quantize=True).train()
+    m.add_adapter("policy", r=4, alpha=8.0)
+    with torch.no_grad():
+        for p in m.adapter_parameters("policy"):
+            p.normal_(0, 0.05)
+    tok = load_tokenizer(ckpt)
+    ids, mask, px = _batch(tok)
+    grads = []
+    for ckpt_on in (False, True):
+        m.gradient_checkpointing = ckpt_on
+        m.zero_grad(set_to_none=True)
+        with m.adapter("policy"):
+            h = m(ids, mask, pixel_values=px)
+        (h.float() ** 2).mean().backward()  # backward after the role's context has exited
+        grads.append([p.grad.clone() for p in m.adapter_parameters("policy")])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
