@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check kernels model trainers benchmarks tests
