@@ -234,7 +234,7 @@ def ppo_update(model, ro: Rollout, params, optimizer, scheduler, guard: StepGuar
                 for k, v in (("policy_loss", pg), ("value_loss", vf), ("entropy", entropy), ("clipfrac", clipfrac),
                              ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl),
                              ("value_error", masked_mean((values - b["returns"]) ** 2, mask))):
-                    stats.setdefault(k, []).append(float(v))
+                    stats.setdefault(k, []).append(float(v.detach()))
             all_reduce_grads(params)
             gn = guard.step(loss_sum, params, optimizer, scheduler, p.grad_clip)
             stats.setdefault("grad_norm", []).append(float("nan") if gn is None else gn)
