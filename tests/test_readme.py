@@ -31,3 +31,14 @@ def test_cli_plan_runs_for_the_presets():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert '"fits": true' in r.stdout.splitlines()[-1]
+
+
+def test_cli_data_shapes_writes_the_formats(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "factrl.trainers.cli", "data", "shapes", "--out", str(tmp_path / "d"),
+                        "--n", "6", "--seed", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for f in ("sft.json", "preference.json", "preference_eval.json", "image_to_caption.json", "ppo_prompts.json"):
+        assert (tmp_path / "d" / f).is_file(), f
+    bad = subprocess.run([sys.executable, "-m", "factrl.trainers.cli", "sft", "sft.nope=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "'sft.nope'" in bad.stderr
