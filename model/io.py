@@ -221,9 +221,9 @@ def load_tokenizer(path):
 
 
 def load_image_processor(path):
-    from transformers import CLIPImageProcessor
+    from factrl.model.tiny import image_processor_class
 
-    return CLIPImageProcessor.from_pretrained(str(path))
+    return image_processor_class().from_pretrained(str(path))
 
 
 # ---- saving ---------------------------------------------------------------------------------------

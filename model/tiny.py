@@ -27,10 +27,29 @@ def tiny_hf_config(tiny, vocab_size: int, image_token_id: int, pad_token_id: int
 
 
 def make_image_processor(image_size: int):
-    from transformers import CLIPImageProcessor
+    """A CLIPImageProcessor for the tiny preset: CLIP mean/std, resize + center-crop to image_size.
+    (transformers 5 without torchvision: the PIL backend class, same behaviour, no warning.)"""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                              do_center_crop=True, do_resize=True, do_normalize=True, do_convert_rgb=True)
+    return image_processor_class()(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+    )
+
+
+def image_processor_class():
+    """CLIPImageProcessor, or its PIL twin when transformers runs without torchvision (same
+    behaviour, no warning)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 def build_tiny_checkpoint(out_dir, tiny, texts: Iterable[str], seed: int = 0) -> Path:

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from factrl.model.tiny import make_image_processor  # re-exported: the tiny checkpoint's processor
+
 log = logging.getLogger("factrl.data")
 
 SYSTEM_PROMPT = (
@@ -537,24 +539,7 @@ def is_correct(response_text: str, caption_type: int) -> Optional[bool]:
 # ---- images -----------------------------------------------------------------------------------
 
 
-def make_image_processor(image_size: int):
-    """A CLIPImageProcessor for the tiny preset: CLIP mean/std, resize + center-crop to image_size.
-    (transformers 5 without torchvision: the PIL backend class, same behaviour, no warning.)"""
-    import transformers
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return cls(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-    )
 
 
 def expand2square(img, background: tuple[int, int, int]):

@@ -3,7 +3,8 @@
 Modes: ``full`` trains the decoder, embeddings, lm_head and projector (the vision tower stays
 frozen — the original recipe — unless ``sft.train_vision_tower``); ``qlora`` trains a LoRA
 adapter on the NF4 base (the projector stays as it is). The loss reads token log-probs from
-``factrl.kernels.logprobs`` — never a full-vocab log_softmax. Output: ``<out>/sft/final`` in llava-hf format (plus the PEFT adapter for qlora).
+``factrl.kernels.logprobs`` — never a full-vocab log_softmax. Output: ``<out>/sft/final`` in
+llava-hf format (plus the PEFT adapter for qlora).
 """
 
 from __future__ import annotations
