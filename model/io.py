@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from factrl.model.llava import LINEAR_NAMES, LlavaModel, TextConfig
+from factrl.model.lora import NF4_BUFFERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # our linear name -> llava-hf module path inside a decoder layer
@@ -197,14 +198,11 @@ def load_llava(path: str | os.PathLike, quantize: bool = False, double_quant: bo
                         params[ours].copy_(t.to(device=device, dtype=params[ours].dtype))
                 seen.add(ours)
                 del t
-    missing = [k for k in list(params) if k not in seen and not k.startswith("heads.")
-               and "adapters." not in k and not k.startswith("vision.") and k not in linears]
-    missing += [k for k in linears if k not in seen]
-    vis_missing = [k for k in params if k.startswith("vision.") and k not in seen
-                   and not k.endswith("position_ids")]
-    if missing or vis_missing:
-        raise CheckpointError(f"{path}: missing weights: {(missing + vis_missing)[:8]}"
-                              f"{' ...' if len(missing + vis_missing) > 8 else ''}")
+    # Every base weight must have arrived (heads, adapters and CLIP's position_ids are not weights).
+    missing = sorted(k for k in {*params, *linears} if k not in seen and not k.startswith("heads.")
+                     and ".adapters." not in k and not k.endswith("position_ids"))
+    if missing:
+        raise CheckpointError(f"{path}: missing weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     # Buffers that are not weights (CLIP position_ids) were allocated empty: re-create them.
     emb = model.vision.vision_model.embeddings if hasattr(model.vision, "vision_model") else model.vision.embeddings
     if hasattr(emb, "position_ids"):
@@ -234,8 +232,8 @@ def hf_state_dict(model: LlavaModel, dtype=None) -> dict[str, torch.Tensor]:
     for name, lin in lin_names.items():
         out[hf_key(name)] = lin.dense_weight(dtype or torch.float32).contiguous()
     for name, p in model.state_dict().items():
-        if name.startswith("heads.") or ".adapters." in name or name.split(".")[-1] in (
-                "qweight", "absmax", "absmax2", "code2", "offset", "code") or name in lin_names:
+        if name.startswith("heads.") or ".adapters." in name or name.split(".")[-1] in NF4_BUFFERS \
+                or name in lin_names:
             continue
         if name.startswith("vision.") and name.endswith("position_ids"):
             continue

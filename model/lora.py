@@ -111,15 +111,13 @@ class LoRALinear(nn.Module):
         if st.segments is not None:
             return self._forward_grouped(x, st.segments)
         ad = self.adapters[st.active] if st.active is not None and st.active in self.adapters else None
-        if not self.is_quantized:
-            y = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        # Fused base + LoRA for NF4 weights; otherwise (dense base, or dropout on the LoRA input
+        # while training) the base pass plus the adapter's own term.
+        if ad is None or not self.is_quantized or (ad.dropout is not None and self.training):
+            y = self.forward_base(x)
             return y if ad is None else y + ad(x)
         from factrl.kernels.nf4_lora import nf4_lora
 
-        if ad is None:
-            return nf4_lora(x, self.nf4(), bias=self.bias)
-        if ad.dropout is not None and self.training:  # dropout on the LoRA input: unfused
-            return nf4_lora(x, self.nf4(), bias=self.bias) + ad(x)
         return nf4_lora(x, self.nf4(), ad.lora_A, ad.lora_B, ad.scaling, bias=self.bias)
 
     def _forward_grouped(self, x: torch.Tensor, segments) -> torch.Tensor:
@@ -139,13 +137,13 @@ class LoRALinear(nn.Module):
                 outs.append(part)
                 start += rows
             return torch.cat(outs, 0)
+        if not uniq:
+            return self.forward_base(x)
         from factrl.kernels.nf4_lora import nf4_lora
 
         T = x.shape[1]
         ids = torch.cat([torch.full((rows * T,), uniq.index(n) if n in uniq else -1, dtype=torch.int32)
                          for n, rows in segments]).to(x.device)
-        if not uniq:
-            return nf4_lora(x, self.nf4(), bias=self.bias)
         A = torch.stack([self.adapters[n].lora_A for n in uniq])  # (G, r, in)
         B = torch.stack([self.adapters[n].lora_B for n in uniq])  # (G, out, r)
         s = torch.tensor([self.adapters[n].scaling for n in uniq], device=x.device)

@@ -157,12 +157,13 @@ def test_grouped_adapters(dtype, case):
             assert da[gi].abs().max() > 0 and db[gi].abs().max() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_fp32_adapters_fp16_activations(grouped):
+def test_fp32_adapters_16bit_activations(grouped, dtype):
     g = 2 if grouped else 0
     ids = _segments((1, 30), (-1, 10), (0, 37)) if grouped else None
-    args = _make(77, 192, 123, 8, g, dtype=torch.float16, adt=torch.float32, ids=ids, bias=True)
-    _compare(*args, ref_adapter_dtype=torch.float16)
+    args = _make(77, 192, 123, 8, g, dtype=dtype, adt=torch.float32, ids=ids, bias=True)
+    _compare(*args, ref_adapter_dtype=dtype)
 
 
 @pytest.mark.parametrize("m", [5, 77])
@@ -294,10 +295,3 @@ def test_gpu_no_adapter(dtype, m, dq, bias):
     _compare(*_make(m, 192 if m < 1000 else 1024, 123, dtype=dtype, dq=dq, bias=bias))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("grouped", [False, True])
-def test_gpu_fp32_adapters_bf16_activations(grouped):
-    g = 2 if grouped else 0
-    ids = _segments((1, 30), (-1, 10), (0, 37)) if grouped else None
-    args = _make(77, 192, 123, 8, g, dtype=torch.bfloat16, adt=torch.float32, ids=ids, bias=True)
-    _compare(*args, ref_adapter_dtype=torch.bfloat16)

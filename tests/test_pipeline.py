@@ -4,12 +4,11 @@ import json
 import subprocess
 import sys
 
+from micro import MICRO_MODEL
+
 from factrl.trainers.config import load_config
 
-MICRO = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-         "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=2",
-         "model.tiny.vision_heads=2", "model.lora.r=4", "data.shapes_n=48", "data.max_seq_len=320",
-         "data.max_prompt_len=200", "run.progress=false", "sft.epochs=1", "rm.max_steps=3", "rm.eval_every=0",
+MICRO = [*MICRO_MODEL, "data.shapes_n=48", "sft.epochs=1", "rm.max_steps=3", "rm.eval_every=0",
          "ppo.rollout_batch_size=16", "ppo.rollout_chunk_size=16", "ppo.step_batch_size=8", "ppo.batch_size=8",
          "ppo.max_response_len=6", "ppo.total_steps=2", "eval.max_items=8", "eval.max_new_tokens=8"]
 

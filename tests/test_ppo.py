@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from micro import MICRO_MODEL
 
 from factrl.trainers.rl import AdaptiveKL, policy_loss, shape_rewards, value_loss
 
@@ -87,10 +88,9 @@ def test_adaptive_kl_moves_towards_target():
 
 
 # ---- on the model: roles on one base, and a short run ------------------------------------------------
-MICRO = ["model.tiny.hidden_size=48", "model.tiny.num_layers=2", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-         "model.tiny.intermediate_size=96", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=2",
-         "model.tiny.vision_heads=2", "model.tiny.vocab_size=512", "model.lora.r=4", "model.lora.alpha=8",
-         "data.shapes_n=96", "run.progress=false", "data.max_prompt_len=200", "data.max_seq_len=320",
+# a little larger than the shared micro model, so PPO has a policy worth moving
+MICRO = [*MICRO_MODEL, "model.tiny.hidden_size=48", "model.tiny.num_layers=2", "model.tiny.intermediate_size=96",
+         "model.lora.alpha=8", "data.shapes_n=96",
          "sft.batch_size=16", "sft.max_steps=60", "sft.lr=3e-3", "sft.save_every=1000", "sft.warmup_ratio=0.05",
          "rm.batch_size=16", "rm.max_steps=30", "rm.lr=3e-3", "rm.save_every=1000", "rm.eval_every=0",
          # the RM score alone is the reward (the other shaping terms are tested by hand above), and

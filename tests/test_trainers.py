@@ -6,14 +6,12 @@ import socket
 
 import pytest
 import torch
+from micro import MICRO_MODEL
 
 from factrl.trainers.common import Checkpoints, NonFiniteError, read_metrics
 from factrl.trainers.config import from_dict, load_config, save_config, to_dict
 
-MICRO = ["model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-         "model.tiny.intermediate_size=64", "model.tiny.vision_hidden_size=32", "model.tiny.vision_layers=2",
-         "model.tiny.vision_heads=2", "model.tiny.vocab_size=512", "model.lora.r=4",
-         "data.shapes_n=40", "run.progress=false", "data.max_prompt_len=200", "data.max_seq_len=320",
+MICRO = [*MICRO_MODEL, "data.shapes_n=40",
          "sft.batch_size=4", "sft.max_steps=6", "sft.save_every=3", "sft.lr=3e-3",
          "rm.batch_size=4", "rm.max_steps=4", "rm.save_every=2", "rm.eval_every=2", "rm.lr=1e-3",
          "eval.batch_size=8"]

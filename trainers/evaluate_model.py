@@ -41,24 +41,13 @@ def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new
 
 
 def rm_eval(model, a, cfg: Config, device) -> dict:
-    from factrl.trainers.rm import ROLE, load_pairs
+    """The reward model's pairwise accuracy on the held-out preference pairs ({} without an RM)."""
+    from factrl.trainers.rm import ROLE, load_pairs, score_pairs
 
     if ROLE not in model.adapter_state.names:
         return {}
     held = load_pairs(cfg, a, cfg.data.preference_eval_file, cfg.rm.fact_augmented)
-    from factrl.trainers.data import collate_preferences
-    from factrl.trainers.rm import pair_rewards
-    from factrl.trainers.setup import to_device
-
-    triples = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(held), cfg.eval.batch_size):
-            ex = held[i:i + cfg.eval.batch_size]
-            b = to_device(collate_preferences(ex, a.tokenizer.pad_token_id, a.images), device)
-            rc, rr = pair_rewards(model, b)
-            triples += [(float(c), float(r), e.hallucination) for c, r, e in zip(rc, rr, ex)]
-    return rm_accuracy(triples)
+    return rm_accuracy(score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device))
 
 
 def evaluate_stages(cfg: Config) -> dict:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from factrl.trainers.common import autocast, resolve_device, seed_everything, stage_dir
 from factrl.trainers.config import Config
 from factrl.trainers.data import collate_preferences, load_captions, load_preferences
+from factrl.trainers.evaluate import rm_accuracy
 from factrl.trainers.loop import supervised_loop
 from factrl.trainers.setup import load_assets, stage_base, to_device
 
@@ -52,24 +53,27 @@ def load_pairs(cfg: Config, a, file: str, fact_augmented: bool):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs, batch_size: int, pad_id: int, images, device) -> dict:
-    """Accuracy overall and on hallucination-flagged pairs, mean reward."""
+def score_pairs(model, pairs, batch_size: int, pad_id: int, images, device) -> list[tuple]:
+    """(r_chosen, r_rejected, hallucination flag) for every pair, in eval mode."""
     was = model.training
     model.eval()
-    rc, rr, hal = [], [], []
+    out = []
     for i in range(0, len(pairs), batch_size):
-        b = to_device(collate_preferences(pairs[i:i + batch_size], pad_id, images), device)
-        c, r = pair_rewards(model, b)
-        rc.append(c.cpu())
-        rr.append(r.cpu())
-        hal.append(b["hallucination"].cpu())
+        ex = pairs[i:i + batch_size]
+        rc, rr = pair_rewards(model, to_device(collate_preferences(ex, pad_id, images), device))
+        out += [(float(c), float(r), e.hallucination) for c, r, e in zip(rc, rr, ex)]
     model.train(was)
-    rc, rr, hal = torch.cat(rc), torch.cat(rr), torch.cat(hal)
-    win = (rc > rr).float()
-    flagged = hal == 1
-    return {"eval/acc": float(win.mean()), "eval/acc_hallucination": float(win[flagged].mean()) if flagged.any()
-            else float("nan"), "eval/n_hallucination": int(flagged.sum()),
-            "eval/mean_reward": float(torch.cat([rc, rr]).mean())}
+    return out
+
+
+def evaluate_pairs(model, pairs, batch_size: int, pad_id: int, images, device) -> dict:
+    """Accuracy overall and on hallucination-flagged pairs, mean reward (log keys)."""
+    triples = score_pairs(model, pairs, batch_size, pad_id, images, device)
+    acc = rm_accuracy(triples)
+    hal = acc["accuracy_hallucination"]
+    return {"eval/acc": acc["accuracy"], "eval/acc_hallucination": float("nan") if hal is None else hal,
+            "eval/n_hallucination": acc["n_hallucination"],
+            "eval/mean_reward": sum(c + r for c, r, _ in triples) / (2 * len(triples))}
 
 
 def train_rm(cfg: Config) -> dict:
