@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -176,7 +177,9 @@ class Scene:
 
 def random_scene(rng: random.Random, scene_id: str, image: str, split: str = "train") -> Scene:
     n = rng.choices(list(_NOBJ_W), weights=list(_NOBJ_W.values()))[0]
-    cells = rng.sample(sorted(POSITIONS), n)
+    # Reading order (top-left to bottom-right): a description is then a function of the image,
+    # not of a hidden random order, so a perfect model can reach zero loss on it.
+    cells = sorted(rng.sample(sorted(POSITIONS), n))
     objs: list[Obj] = []
     used: list[tuple[str, str]] = []
     for r, c in cells:
@@ -189,6 +192,31 @@ def random_scene(rng: random.Random, scene_id: str, image: str, split: str = "tr
         objs.append(Obj(shape=shape, color=color, size=rng.choice(SIZES), row=r, col=c))
     bg = rng.choices(list(_BG_W), weights=list(_BG_W.values()))[0]
     return Scene(id=scene_id, image=image, background=bg, objects=objs, split=split)
+
+
+# ---- per-patch targets (pretraining the tiny vision tower) -------------------------------------
+
+# Attributes: class 0 = the patch's grid cell is empty, then one class per value. "cell": which of
+# the 9 world cells the patch lies in (CLIP patch features carry position; ours must too).
+PATCH_LABELS = {"color": len(COLORS) + 1, "shape": len(SHAPES) + 1, "size": len(SIZES) + 1, "cell": 9}
+
+
+def patch_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
+    """For each of the ``grid x grid`` patches (row-major), the attributes of the object in the
+    3x3 world cell the patch lies in, and that cell's index (``grid`` a multiple of 3: patches
+    never straddle cells)."""
+    if grid % 3:
+        raise ValueError(f"patch grid {grid}x{grid} does not tile the 3x3 world grid")
+    k = grid // 3
+    cell = [(r // k) * 3 + c // k for r in range(grid) for c in range(grid)]
+    out = {"cell": cell, **{name: [0] * (grid * grid) for name in ("color", "shape", "size")}}
+    for o in scene.objects:
+        values = {"color": list(COLORS).index(o.color), "shape": SHAPES.index(o.shape), "size": SIZES.index(o.size)}
+        for i, c in enumerate(cell):
+            if c == o.row * 3 + o.col:
+                for name, v in values.items():
+                    out[name][i] = v + 1
+    return out
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -525,9 +553,10 @@ def _hallucinated_description(scene: Scene, rng: random.Random) -> tuple[str, st
         c, s = rng.choice(_absent_combos(scene))
         free = [p for p in sorted(POSITIONS) if not scene.find(pos=POSITIONS[p])] or sorted(POSITIONS)
         r, cc = rng.choice(free)
-        objs.insert(rng.randrange(len(objs) + 1), Obj(s, c, rng.choice(SIZES), r, cc))
+        objs.append(Obj(s, c, rng.choice(SIZES), r, cc))
     n = len(scene.objects)
     head = f"A {scene.background} background with {n} shape{'s' if n != 1 else ''}"
+    objs.sort(key=lambda x: (x.row, x.col))  # reading order, as faithful ones: order gives nothing away
     return head + ": " + ", ".join(f"{x.size} {x.name} at the {x.pos}" for x in objs) + ".", kind
 
 
@@ -621,6 +650,8 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
         specs.append(make_exists_spec(s, r, present=r.random() < 0.5))
         if r.random() < 0.3:
             specs[r.randrange(3)] = choice[s.image]
+        # Any question may open the conversation: POPE/MMHal ask single-turn, right after <image>.
+        r.shuffle(specs)
         pairs = [item(s, sp) for sp in specs]
         out["sft"].append({"id": f"{s.id}-qa", "image": s.image, "conversations": _conversation(pairs)})
         out["sft"].append(
@@ -770,10 +801,13 @@ def _eval_sets(train: list[Scene], evals: list[Scene], seed: int) -> dict:
 
 
 def _dump(path: Path, obj) -> None:
+    """Write JSON through a temp file + rename: a killed writer never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Optional[int] = None) -> dict:
@@ -799,7 +833,6 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
         "ppo_prompts": out / "ppo_prompts.json",
         "scenes": out / "scenes.json",
     }
-    _dump(files["sft"], data["sft"])
     _dump(files["preference"], data["preference"])
     _dump(files["preference_eval"], data["preference_eval"])
     _dump(files["captions"], data["captions"])
@@ -808,6 +841,7 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     for name, items in data["eval"].items():
         files[f"eval/{name}"] = out / "eval" / f"{name}.json"
         _dump(files[f"eval/{name}"], items)
+    _dump(files["sft"], data["sft"])  # last: its presence marks a complete dataset (setup.ensure_dataset)
     counts = {
         "scenes_train": sum(s.split == "train" for s in data["scenes"]),
         "scenes_eval": sum(s.split == "eval" for s in data["scenes"]),
@@ -844,6 +878,8 @@ __all__ = [
     "CATEGORIES",
     "random_scene",
     "render",
+    "patch_labels",
+    "PATCH_LABELS",
     "question",
     "answer",
     "make_spec",
