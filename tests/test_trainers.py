@@ -58,6 +58,20 @@ def test_config_roundtrip_and_unknown_keys(tmp_path):
         from_dict({"sft": {"nope": 1}})
 
 
+def test_lr_schedules_hand_worked():
+    from factrl.trainers.common import lr_lambda
+
+    f = lr_lambda("wsd", warmup=2, total=10, decay_ratio=0.2)  # decay over steps 8..10
+    assert [round(f(s), 6) for s in range(11)] == [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 0.5, 0]
+    g = lr_lambda("cosine", warmup=2, total=10)  # cosine over steps 2..10
+    assert [round(g(s), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1, 1, 0.5, 0]
+    assert lr_lambda("constant", warmup=0, total=10)(9) == 1
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_lambda("linear", 0, 10)
+    with pytest.raises(ValueError, match="decay_ratio"):
+        lr_lambda("wsd", 0, 10, decay_ratio=0)
+
+
 def test_sft_resume_gives_identical_losses(shared_data, tmp_path, monkeypatch):
     from factrl.trainers.sft import train_sft
 

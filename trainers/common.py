@@ -177,16 +177,29 @@ def plot_curves(metrics_path: Path, png: Path, keys: list[str]) -> Optional[Path
 
 
 # ---- optimisation ---------------------------------------------------------------------------------
-def lr_lambda(schedule: str, warmup: int, total: int):
+def lr_lambda(schedule: str, warmup: int, total: int, decay_ratio: float = 0.2):
+    """LR multiplier per step: linear warmup, then ``constant``, ``cosine`` to 0 at ``total``, or
+    ``wsd`` (warmup-stable-decay): constant, then a cosine to 0 over the last ``decay_ratio`` of
+    the steps. A tiny model trained from scratch needs the full LR long enough to leave its
+    plateaus (cosine has mostly decayed by then); the short final decay then settles it."""
+    if schedule not in ("constant", "cosine", "wsd"):
+        raise ValueError(f"unknown schedule {schedule!r} (cosine | constant | wsd)")
+    if not 0.0 < decay_ratio <= 1.0:
+        raise ValueError(f"decay_ratio={decay_ratio}: expected 0 < decay_ratio <= 1")
+    decay_start = max(warmup, total - int(round(decay_ratio * total)))
+
+    def cosine(step: int, start: int) -> float:
+        progress = (step - start) / max(1, total - start)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
         if schedule == "constant":
             return 1.0
         if schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        raise ValueError(f"unknown schedule {schedule!r} (cosine | constant)")
+            return cosine(step, warmup)
+        return 1.0 if step < decay_start else cosine(step, decay_start)
 
     return f
 
@@ -194,7 +207,7 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 def make_optimizer(params: list, loop, total_steps: int):
     opt = torch.optim.AdamW(params, lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
     warmup = loop.warmup_steps if loop.warmup_steps > 0 else int(round(loop.warmup_ratio * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(loop.schedule, warmup, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(loop.schedule, warmup, total_steps, loop.decay_ratio))
     return opt, sched
 
 

@@ -90,7 +90,8 @@ class DataConfig:
 @dataclass
 class TrainLoopConfig:
     lr: float = 1e-3
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | wsd (constant, then cosine over the last decay_ratio)
+    decay_ratio: float = 0.2
     warmup_ratio: float = 0.03
     warmup_steps: int = 0  # if > 0, overrides warmup_ratio
     weight_decay: float = 0.0
