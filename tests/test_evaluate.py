@@ -269,3 +269,21 @@ def test_max_items_out_path_and_table(data_root, tmp_path, capsys):
 def test_generate_fn_must_return_one_answer_per_item(data_root):
     with pytest.raises(ValueError, match="responses"):
         E.run_eval(lambda items: ["Yes."], data_root, max_items=3, progress=False, batch_size=4)
+
+
+def test_blind_answers_is_the_majority_answer_per_question():
+    def rec(image, *turns):
+        return {"image": image, "conversations": [
+            {"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]}
+
+    red, bg = "Is there a red circle in the image?", "What color is the background?"
+    recs = [rec("a.png", (f"<image>\n{red}", "No."), (bg, "The background is white.")),
+            rec("b.png", (f"{red}\n<image>", "Yes.")),
+            rec("c.png", (f"<image>\n{red}", "Yes."), (bg, "The background is gray."), (bg, "The background is gray.")),
+            {"conversations": [{"from": "human", "value": "What shapes can appear?"},
+                               {"from": "gpt", "value": "Circles."}]}]
+    blind = E.blind_answers(recs)
+    items = [{"image": "z.png", "question": q} for q in
+             ("Is there a red circle in the image?", "What color is the background?", "Is there a blue star?")]
+    # the <image> token's place does not matter; unseen questions get no answer
+    assert blind(items) == ["Yes.", "The background is gray.", ""]

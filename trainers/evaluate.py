@@ -14,7 +14,8 @@ Scorers (all pure functions, usable on their own):
 * ``rm_accuracy(triples)``    pairwise RM accuracy overall and on hallucination-flagged pairs.
 
 ``run_eval(generate_fn, data_root)`` runs every eval set in ``data_root/eval`` with any model
-(``generate_fn(items) -> responses``); ``format_table`` prints models side by side.
+(``generate_fn(items) -> responses``); ``blind_answers(sft_records)`` is such a "model" that never
+sees the image (what chance means for these questions); ``format_table`` prints models side by side.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -294,6 +296,23 @@ def rm_accuracy(triples: Iterable) -> dict:
     }
 
 
+# ---- the blind baseline -----------------------------------------------------------------------
+
+
+def blind_answers(sft_records: Iterable[dict]) -> Callable[[list[dict]], list[str]]:
+    """A generate_fn that never looks at the image: to each question, the answer the SFT data gives
+    most often to that same question text ("" if it never asks it). A model must beat this to be
+    using the image - e.g. "What is at the top?" is right 2 times in 3 with "There is nothing at
+    the top.", and POPE's always-"yes" already has F1 0.67."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for rec in sft_records:
+        conv = rec.get("conversations", [])
+        for h, g in zip(conv[0::2], conv[1::2]):
+            counts[h["value"].replace("<image>", "").strip()][g["value"]] += 1
+    best = {q: c.most_common(1)[0][0] for q, c in counts.items()}
+    return lambda items: [best.get(it["question"].strip(), "") for it in items]
+
+
 # ---- the runner -------------------------------------------------------------------------------
 
 EVAL_SETS = ["pope_random", "pope_popular", "pope_adversarial", "mmhal", "chair"]
@@ -387,6 +406,8 @@ def run_eval(
 _ROWS = [
     ("hallucination rate (MMHal) ↓", ("hallucination_rate",)),
     ("MMHal score ↑", ("mmhal", "score")),
+    ("POPE accuracy random ↑", ("pope", "random", "accuracy")),
+    ("POPE accuracy adversarial ↑", ("pope", "adversarial", "accuracy")),
     ("POPE F1 random ↑", ("pope", "random", "f1")),
     ("POPE F1 popular ↑", ("pope", "popular", "f1")),
     ("POPE F1 adversarial ↑", ("pope", "adversarial", "f1")),
@@ -435,6 +456,7 @@ __all__ = [
     "chair",
     "mmhal_score",
     "rm_accuracy",
+    "blind_answers",
     "run_eval",
     "format_table",
     "EVAL_SETS",

@@ -1,8 +1,10 @@
 """``factrl eval``: the SFT model and the PPO policy side by side on the held-out sets.
 
 Both run on the same NF4 base PPO used (SFT = adapters off, PPO = the ``policy`` adapter), so
-the table isolates what RLHF changed. Also the reward model's pairwise accuracy on held-out
-preference pairs. Scoring is programmatic against the ShapesWorld facts (trainers/evaluate.py).
+the table isolates what RLHF changed. A third column, ``blind``, answers every question with the
+SFT data's most frequent answer to it without looking at the image: the chance level a model must
+beat. Also the reward model's pairwise accuracy on held-out preference pairs. Scoring is
+programmatic against the ShapesWorld facts (trainers/evaluate.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from factrl.trainers.common import resolve_device, seed_everything, stage_dir
 from factrl.trainers.config import Config
 from factrl.trainers.data import render_query
-from factrl.trainers.evaluate import format_table, rm_accuracy, run_eval
+from factrl.trainers.evaluate import blind_answers, format_table, rm_accuracy, run_eval
 from factrl.trainers.setup import load_assets, stage_base
 
 
@@ -67,13 +69,15 @@ def evaluate_stages(cfg: Config) -> dict:
         columns["ppo"] = "policy"
     rm = rm_eval(model, a, cfg, device)
     out = stage_dir(cfg, "eval")
+    gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
+                                   cfg.eval.max_new_tokens, device) for name, adapter in columns.items()}
+    with open(a.data_root / cfg.data.sft_file) as f:
+        gens["blind"] = blind_answers(json.load(f))
     results = {}
-    for name, adapter in columns.items():
-        gen = make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter, cfg.eval.max_new_tokens,
-                               device)
+    for name, gen in gens.items():
         res = run_eval(gen, a.data_root, max_items=cfg.eval.max_items or None, progress=cfg.run.progress,
                        batch_size=cfg.eval.batch_size, eval_dir=cfg.data.eval_dir, out_path=out / f"{name}.json")
-        if rm:
+        if rm and name != "blind":
             res["rm"] = rm
         results[name] = res
     table = format_table(results)
@@ -88,6 +92,8 @@ def headline(r: dict) -> dict:
     """The few numbers the pipeline's last JSON line carries."""
     g = lambda *p: _get(r, p)  # noqa: E731
     return {"hallucination_rate": g("hallucination_rate"), "mmhal_score": g("mmhal", "score"),
+            "pope_accuracy_random": g("pope", "random", "accuracy"),
+            "pope_accuracy_adversarial": g("pope", "adversarial", "accuracy"),
             "pope_f1_random": g("pope", "random", "f1"), "pope_f1_popular": g("pope", "popular", "f1"),
             "pope_f1_adversarial": g("pope", "adversarial", "f1"), "chair_i": g("chair", "chair_i"),
             "chair_s": g("chair", "chair_s"), "rm_accuracy": g("rm", "accuracy"),
