@@ -100,7 +100,13 @@ def test_sft_resume_gives_identical_losses(shared_data, tmp_path, monkeypatch):
     # the SFT output is a llava-hf checkpoint that transformers loads
     from transformers import LlavaForConditionalGeneration
 
-    LlavaForConditionalGeneration.from_pretrained(str(killed / "sft" / "final"))
+    final = LlavaForConditionalGeneration.from_pretrained(str(killed / "sft" / "final"))
+    # full SFT trains the decoder and projector; the (pretrained) CLIP tower stays frozen, as in the recipe
+    base = LlavaForConditionalGeneration.from_pretrained(str(killed / "tiny_base"))
+    tower = lambda m: m.model.vision_tower.state_dict()  # noqa: E731
+    assert all(torch.equal(v, tower(base)[k]) for k, v in tower(final).items())
+    assert not torch.equal(final.model.multi_modal_projector.linear_1.weight,
+                           base.model.multi_modal_projector.linear_1.weight)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -46,8 +46,13 @@ class TinyModelConfig:
     vision_layers: int = 3
     vision_heads: int = 4
     image_size: int = 48
-    patch_size: int = 8
+    # 16 px patches tile ShapesWorld's 3x3 grid of 16 px cells: one image token per cell.
+    patch_size: int = 16
     max_position_embeddings: int = 512
+    # The recipe's CLIP tower is pretrained; the tiny one is pretrained on ShapesWorld's training
+    # scenes (per-patch colour/shape/size, model.tiny.pretrain_patch_features) when the base is
+    # built, then frozen like the recipe's. 0 = leave it random.
+    vision_pretrain_steps: int = 400
 
 
 @dataclass
@@ -111,8 +116,8 @@ class TrainLoopConfig:
 @dataclass
 class SFTConfig(TrainLoopConfig):
     mode: str = "full"  # full | qlora
-    # The original recipe freezes the (pretrained) CLIP tower. The tiny preset's tower is random,
-    # so it trains it too: a random frozen ViT carries colour but little shape.
+    # The original recipe freezes the (pretrained) CLIP tower; so does the tiny preset, whose tower
+    # is pretrained when its base is built (model.tiny.vision_pretrain_steps).
     train_vision_tower: bool = False
 
 
