@@ -8,7 +8,7 @@ from micro import MICRO_MODEL
 
 from factrl.trainers.config import load_config
 
-MICRO = [*MICRO_MODEL, "data.shapes_n=48", "sft.epochs=1", "rm.max_steps=3", "rm.eval_every=0",
+MICRO = [*MICRO_MODEL, "data.shapes_n=48", "sft.max_steps=6", "rm.max_steps=3", "rm.eval_every=0",
          "ppo.rollout_batch_size=16", "ppo.rollout_chunk_size=16", "ppo.step_batch_size=8", "ppo.batch_size=8",
          "ppo.max_response_len=6", "ppo.total_steps=2", "eval.max_items=8", "eval.max_new_tokens=8"]
 
