@@ -24,6 +24,8 @@ def test_pipeline_end_to_end_via_cli(tmp_path):
         for k in ("hallucination_rate", "pope_f1_random", "chair_i", "rm_accuracy"):
             assert k in last[col]
         assert 0.0 <= last[col]["hallucination_rate"] <= 1.0
+    # the image-blind baseline is scored on the same sets; it is no policy, so it has no RM accuracy
+    assert 0.0 <= last["blind"]["pope_accuracy_random"] <= 1.0 and last["blind"]["rm_accuracy"] is None
     run = tmp_path / "run"
     for f in ("sft/final/config.json", "rm/reward_adapter/adapter_config.json",
               "ppo/policy_adapter/adapter_config.json", "eval/table.txt", "sft/config.yaml", "ppo/curves.png",

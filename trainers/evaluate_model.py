@@ -71,8 +71,10 @@ def evaluate_stages(cfg: Config) -> dict:
     out = stage_dir(cfg, "eval")
     gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
                                    cfg.eval.max_new_tokens, device) for name, adapter in columns.items()}
-    with open(a.data_root / cfg.data.sft_file) as f:
-        gens["blind"] = blind_answers(json.load(f))
+    sft_file = a.data_root / cfg.data.sft_file
+    if sft_file.is_file():  # the blind baseline needs the SFT answers; an eval-only data root has none
+        with open(sft_file) as f:
+            gens["blind"] = blind_answers(json.load(f))
     results = {}
     for name, gen in gens.items():
         res = run_eval(gen, a.data_root, max_items=cfg.eval.max_items or None, progress=cfg.run.progress,
