@@ -310,9 +310,10 @@ def test_tiny_base_gets_a_pretrained_vision_tower(tmp_path):
     from factrl.trainers.config import load_config
     from factrl.trainers.setup import ensure_base_checkpoint, ensure_dataset
 
-    def base(name, steps):
+    def base(name, steps, *extra):
         cfg = load_config("tiny", [*MICRO_MODEL, "data.shapes_n=150", f"data.root={tmp_path}/data",
-                                   f"run.out_dir={tmp_path}/{name}", f"model.tiny.vision_pretrain_steps={steps}"])
+                                   f"run.out_dir={tmp_path}/{name}", f"model.tiny.vision_pretrain_steps={steps}",
+                                   *extra])
         ensure_dataset(cfg)
         return ensure_base_checkpoint(cfg)
 
@@ -325,3 +326,5 @@ def test_tiny_base_gets_a_pretrained_vision_tower(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.layers.parameters(), b.layers.parameters()))
     va, vb = a.vision.state_dict(), b.vision.state_dict()
     assert any(not torch.equal(va[k], vb[k]) for k in va)
+    with pytest.raises(ValueError, match="does not tile"):  # 4x4 patches straddle the 3x3 cells
+        base("odd", 300, "model.tiny.patch_size=12")

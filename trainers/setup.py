@@ -60,6 +60,10 @@ def _tower_pretraining(cfg: Config, root: Path) -> Callable:
 
     tiny = cfg.model.tiny
     grid = tiny.image_size // tiny.patch_size
+    if grid % 3:
+        raise ValueError(f"model.tiny.patch_size={tiny.patch_size}: a {grid}x{grid} patch grid does not tile "
+                         "ShapesWorld's 3x3 cells, so the tower cannot be pretrained per cell; choose a patch size "
+                         "giving a multiple of 3 patches per side, or model.tiny.vision_pretrain_steps=0")
     scenes = list(load_scenes(root / "scenes.json").values())
     train = [s for s in scenes if s.split == "train"]
     held = [s for s in scenes if s.split == "eval"][:256]
