@@ -309,10 +309,15 @@ def load_config(preset: str = "tiny", overrides: Optional[list[str]] = None) -> 
     return apply_overrides(cfg, overrides or [])
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (temp file + rename)."""
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temp name + rename: a killed writer never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically."""
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 from PIL import Image, ImageDraw
+
+from factrl.trainers.config import write_atomic
 
 # ---- the closed world -------------------------------------------------------------------------
 
@@ -209,14 +210,10 @@ def patch_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
         raise ValueError(f"patch grid {grid}x{grid} does not tile the 3x3 world grid")
     k = grid // 3
     cell = [(r // k) * 3 + c // k for r in range(grid) for c in range(grid)]
-    out = {"cell": cell, **{name: [0] * (grid * grid) for name in ("color", "shape", "size")}}
-    for o in scene.objects:
-        values = {"color": list(COLORS).index(o.color), "shape": SHAPES.index(o.shape), "size": SIZES.index(o.size)}
-        for i, c in enumerate(cell):
-            if c == o.row * 3 + o.col:
-                for name, v in values.items():
-                    out[name][i] = v + 1
-    return out
+    attrs = {o.row * 3 + o.col: (list(COLORS).index(o.color) + 1, SHAPES.index(o.shape) + 1, SIZES.index(o.size) + 1)
+             for o in scene.objects}
+    per_patch = [attrs.get(c, (0, 0, 0)) for c in cell]
+    return {"cell": cell, **{name: [a[j] for a in per_patch] for j, name in enumerate(("color", "shape", "size"))}}
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -801,13 +798,7 @@ def _eval_sets(train: list[Scene], evals: list[Scene], seed: int) -> dict:
 
 
 def _dump(path: Path, obj) -> None:
-    """Write JSON through a temp file + rename: a killed writer never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Optional[int] = None) -> dict:
