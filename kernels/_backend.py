@@ -1,4 +1,4 @@
-"""Capabilities detected once, and the per-call backend switch.
+"""Capabilities detected once, the per-call backend switch, and launchers' output buffers.
 
 ``backend=None`` picks ``triton`` for CUDA tensors and ``torch`` otherwise; the environment
 variable ``FACTRL_BACKEND`` (``triton`` | ``torch``) overrides the default. ``triton`` on CPU
@@ -16,8 +16,10 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None and HAS_CUDA
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None and HAS_CUDA
-HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set this to fill launcher-allocated outputs with NaN, so an element a kernel forgot to
+# write cannot pass by accident (torch.empty often hands back zeros). Read at each allocation.
+POISON_OUTPUTS = False
 
 BACKENDS = ("triton", "torch")
 
@@ -35,6 +37,14 @@ def resolve_backend(backend: str | None, *tensors: torch.Tensor) -> str:
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' requested but triton is not installed")
         on_cpu = any(t is not None and not t.is_cuda for t in tensors)
-        if on_cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if on_cpu and not TRITON_INTERPRET:
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
     return backend
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """A launcher's output buffer, uninitialized (every element is written by a kernel): all NaN
+    when ``POISON_OUTPUTS`` is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -48,18 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from factrl.kernels._backend import resolve_backend
-
-# Tests set this to fill launcher-allocated outputs with NaN, so an element a kernel forgot to
-# write cannot pass by accident (torch.empty often hands back zeros).
-_POISON = False
-
-
-def _alloc(shape, device) -> torch.Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
+from factrl.kernels._backend import new_output, resolve_backend
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -233,8 +222,8 @@ def gae_triton(rewards, values, mask, gamma=1.0, lam=1.0, block_b=None, chunk_t=
     """Launcher for :func:`gae` (``backend='triton'``). Tile sizes may be forced (tests, tuning)."""
     _check_inputs(rewards, values, mask)
     B, T = rewards.shape
-    adv = _alloc((B, T), rewards.device)
-    ret = _alloc((B, T), rewards.device)
+    adv = new_output((B, T), torch.float32, rewards.device)
+    ret = new_output((B, T), torch.float32, rewards.device)
     if B == 0 or T == 0:
         return adv, ret
     r, v, m = _row_major(rewards.detach()), _row_major(values.detach()), _row_major(_mask_for_kernel(mask))
@@ -252,15 +241,15 @@ def masked_whiten_triton(x, mask, shift_mean=True, unbiased=True, eps=1e-8, bloc
         raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must have the same shape")
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
-    out = _alloc(x.shape, x.device)
+    out = new_output(x.shape, torch.float32, x.device)
     N = x.numel()
     if N == 0:
         return out
     xf = x.detach().contiguous().view(-1)
     mf = _mask_for_kernel(mask).contiguous().view(-1)
     P = triton.cdiv(N, block)
-    part = _alloc((3, P), x.device)  # (count, mean, M2) per block
-    stats = _alloc((2,), x.device)  # (mean, rstd)
+    part = new_output((3, P), torch.float32, x.device)  # (count, mean, M2) per block
+    stats = new_output((2,), torch.float32, x.device)  # (mean, rstd)
     _whiten_stats_kernel[(P,)](xf, mf, part, N, P, BLOCK=block, num_warps=8)
     _whiten_combine_kernel[(1,)](part, stats, P, float(eps), UNBIASED=bool(unbiased), BLOCK_P=block_p,
                                  num_warps=4)

@@ -15,7 +15,7 @@ adapters. The Triton path never writes a dequantized W to memory:
 * ``_nf4_lora_adapter_grad_kernel``  ``dA[g] = Vs_g^T X_g`` and ``dB[g] = dY_g^T Us_g`` over the
   rows of each adapter group (split over rows, fp32 partials summed afterwards).
 * ``_nf4_dequant_kernel``     standalone dequantization through the same tile loader (tests
-  check it bit for bit against bitsandbytes; benchmarks use it for dequantize-then-cuBLAS).
+  check it bit for bit against bitsandbytes).
 
 Accumulators hold ``out^T`` tiles ``[BLOCK_J, BLOCK_M]``: the dequantized W tile is then the
 *left* operand of ``tl.dot``. On Hopper, wgmma may take its left operand from registers but
@@ -36,24 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from factrl.kernels._backend import resolve_backend
+from factrl.kernels._backend import TRITON_INTERPRET, new_output, resolve_backend
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tests set this to fill every launcher-allocated output with NaN, so that an element a
-# kernel forgot to write cannot pass as a correct zero.
-_POISON_OUTPUTS = False
 DECODE_MAX_M = 16
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def _new(shape, dtype, device, zero=False):
-    if zero:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,7 +112,7 @@ def _cfg(d, w, s):
     return triton.Config(d, num_warps=w, num_stages=s)
 
 
-if _INTERPRET:  # one config: the interpreter would otherwise "benchmark" every candidate
+if TRITON_INTERPRET:  # one config: the interpreter would otherwise "benchmark" every candidate
     _MM_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_J": 64, "BLOCK_L": 64, "GROUP_M": 4}, 4, 1)]
     _GEMV_CONFIGS = [_cfg({"BLOCK_N": 64, "BLOCK_K": 64}, 4, 1)]
     _PROJ_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_L": 64}, 4, 1)]
@@ -366,9 +354,9 @@ def _check_weight(weight: NF4Weight):
 def _dot_cfg(act_dtype: torch.dtype):
     """(dot operand dtype, input precision) for activations of act_dtype.
 
-    fp32 -> exact 'ieee'. bf16 under the interpreter -> fp32 (its bf16 dot is wrong, DESIGN.md).
+    fp32 -> exact 'ieee'. bf16 under the interpreter -> fp32 (the interpreter's bf16 tl.dot is wrong).
     """
-    if act_dtype == torch.float32 or (_INTERPRET and act_dtype == torch.bfloat16):
+    if act_dtype == torch.float32 or (TRITON_INTERPRET and act_dtype == torch.bfloat16):
         return tl.float32, "ieee"
     return _TL_DTYPE[act_dtype], "ieee"  # precision is ignored for 16-bit operands
 
@@ -384,7 +372,7 @@ def _lora_cfg(act_dtype: torch.dtype, adapter_dtype: torch.dtype):
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """The interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest even):
     there, kernels store fp32 and torch rounds afterwards."""
-    return torch.float32 if (_INTERPRET and dtype == torch.bfloat16) else dtype
+    return torch.float32 if (TRITON_INTERPRET and dtype == torch.bfloat16) else dtype
 
 
 def _r_pad(r: int) -> int:
@@ -404,7 +392,7 @@ def _n_sm(device) -> int:
 def _project(inp, p, p_strides, scale, ids, r, dt, prec, split=1):
     """fp32 (M, r) = scale[g] * inp (M, L) @ P[g] (L, r); P[g][l, j] = p[g*sg + l*sl + j*sr]."""
     m, l = inp.shape
-    out = _new((split, m, r), torch.float32, inp.device)
+    out = new_output((split, m, r), torch.float32, inp.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split)  # noqa: E731
     _nf4_lora_proj_kernel[grid](inp, inp.stride(0), inp.stride(1), p, *p_strides, scale,
                                 ids if ids is not None else scale, out, m, l, r,
@@ -436,13 +424,13 @@ def nf4_matmul_fwd(x2, weight, us=None, lora_B=None, ids=None, bias=None):
     if m <= DECODE_MAX_M:
         # Split K until ~2 waves of programs stream W (each program owns >= 256 columns).
         split = max(1, min(triton.cdiv(2 * _n_sm(x2.device), triton.cdiv(n, 64)), k // 256))
-        out = _new((split, m, n), _store_dtype(x2.dtype) if split == 1 else torch.float32, x2.device)
+        out = new_output((split, m, n), _store_dtype(x2.dtype) if split == 1 else torch.float32, x2.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
         _nf4_lora_gemv_kernel[grid](x2, x2.stride(0), x2.stride(1), *_wargs(weight),
                                     out, out.stride(0), out.stride(1), out.stride(2), *largs,
                                     m, n, k, r, SPLIT_K=split, BLOCK_M=DECODE_MAX_M, **common)
         return (out[0] if split == 1 else out.sum(0)).to(x2.dtype)
-    out = _new((m, n), _store_dtype(x2.dtype), x2.device)
+    out = new_output((m, n), _store_dtype(x2.dtype), x2.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_J"]),)  # noqa: E731
     _nf4_lora_mm_kernel[grid](x2, x2.stride(0), x2.stride(1), *_wargs(weight),
                               out, out.stride(0), out.stride(1), *largs, m, n, k, r,
@@ -467,7 +455,7 @@ def nf4_matmul_dx(dy, weight, vs=None, lora_A=None, ids=None, out_dtype=None):
     else:
         largs = (dummy, 0, dummy, 0, 0, 0, dummy, dummy)
     out_dtype = out_dtype or dy.dtype
-    out = _new((m, k), _store_dtype(out_dtype), dy.device)
+    out = new_output((m, k), _store_dtype(out_dtype), dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_J"]),)  # noqa: E731
     _nf4_lora_mm_kernel[grid](dy, dy.stride(0), dy.stride(1), *_wargs(weight),
                               out, out.stride(0), out.stride(1), *largs, m, n, k, r,
@@ -482,14 +470,14 @@ def _adapter_grad(p, q, ids, lo, hi, g, dt, prec, p_is_rank):
     """fp32 (G, I, J) = per-group P^T Q over rows; P (M, I), Q (M, J); one of I, J is the rank."""
     m, i = p.shape
     j = q.shape[1]
-    big_block = 64 if _INTERPRET else 128
+    big_block = 64 if TRITON_INTERPRET else 128
     bi = _r_pad(i) if p_is_rank else big_block
     bj = big_block if p_is_rank else _r_pad(j)
     tiles = g * triton.cdiv(i, bi) * triton.cdiv(j, bj)
     # Split the row reduction until ~2 waves of programs, keeping >= 4 row blocks per split.
-    block_m = 32 if _INTERPRET else 64
+    block_m = 32 if TRITON_INTERPRET else 64
     split = max(1, min(triton.cdiv(2 * _n_sm(p.device), tiles), triton.cdiv(m, 4 * block_m)))
-    out = _new((split, g, i, j), torch.float32, p.device)
+    out = new_output((split, g, i, j), torch.float32, p.device)
     dummy = lo if lo is not None else p
     _nf4_lora_adapter_grad_kernel[(tiles, split)](
         p, p.stride(0), p.stride(1), q, q.stride(0), q.stride(1), ids if ids is not None else dummy,
@@ -503,7 +491,7 @@ def nf4_dequantize_triton(weight: NF4Weight, dtype: torch.dtype = torch.float16)
     """(N, K) in dtype through the fused kernels' tile loader; equals ``dequantize_nf4`` bit for bit."""
     _check_weight(weight)
     n, k = weight.shape
-    out = _new((n, k), _store_dtype(dtype), weight.device)
+    out = new_output((n, k), _store_dtype(dtype), weight.device)
     bn, bk = 32, 128
     _nf4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         *_wargs(weight), out, n, k, BS=weight.blocksize, DQ=weight.double_quant, BLOCK_N=bn, BLOCK_K=bk,

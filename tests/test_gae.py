@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from factrl.kernels import _backend
 from factrl.kernels import gae as G
 from factrl.kernels._backend import HAS_TRITON
 
@@ -22,7 +23,7 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRI
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     # Launcher-allocated outputs start as NaN: an element the kernel forgets to write fails.
-    monkeypatch.setattr(G, "_POISON", True)
+    monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)
 
 
 def run_gae(backend, r, v, m, gamma, lam, **cfg):

@@ -4,15 +4,15 @@ Accuracy rule: an fp64 "truth" is the reference run on fp64 copies of the same i
 NF4 weight, same upstream gradient). Our result and the reference run in the test dtype are
 both compared with it; ours must be within 2x the reference's own error plus one ulp of the
 largest truth value (the unavoidable final rounding), elementwise-max and normwise. Every
-launcher-allocated output is poisoned with NaN (``_POISON_OUTPUTS``), so an unwritten element
-fails. On CPU the Triton kernels run in the interpreter (fp32/fp16, and bf16 through the
+launcher-allocated output is poisoned with NaN (``_backend.POISON_OUTPUTS``), so an unwritten
+element fails. On CPU the Triton kernels run in the interpreter (fp32/fp16, and bf16 through the
 interpreter's fp32 upcast); true bf16 tensor-core checks are the ``gpu`` tests.
 """
 
 import pytest
 import torch
 
-from factrl.kernels import nf4_lora as F
+from factrl.kernels import _backend
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from factrl.kernels.nf4_lora import nf4_dequantize_triton, nf4_lora, nf4_lora_reference
 
@@ -22,7 +22,7 @@ DEV = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(F, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)
 
 
 # ------------------------------------------------------------------------------------------
