@@ -23,28 +23,17 @@ autograd.Function, what CPU runs use). ``*_reference`` is the naive log_softmax 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from factrl.kernels._backend import resolve_backend
+from factrl.kernels._backend import TRITON_INTERPRET, new_output, resolve_backend
 
 KL_ESTIMATORS = ("k1", "k1_clamp", "k2", "k3")
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Vocab splits start at multiples of 256 so GPU tiles (BLOCK_V <= 256) are full except at V. Correctness
 # does not depend on it: a tile crossing its split's end is masked like one crossing V.
 _SPLIT_ALIGN = 256
-# Tests set this to fill launcher-allocated buffers with NaN, so an unwritten element shows up.
-POISON_OUTPUTS = False
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------- Triton kernels
@@ -53,7 +42,7 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 def _configs(gpu: list[tuple[int, int, int, int, int]], interp: tuple[int, int, int]):
     """(BLOCK_N, BLOCK_V, BLOCK_K, warps, stages) on GPU; one config (large tiles = fewer numpy
     calls) under the interpreter, where autotuning would only waste time."""
-    if _INTERPRET:
+    if TRITON_INTERPRET:
         return [triton.Config(dict(BLOCK_N=interp[0], BLOCK_V=interp[1], BLOCK_K=interp[2]))]
     return [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_K=k), num_warps=w, num_stages=s)
             for n, v, k, w, s in gpu]
@@ -169,64 +158,6 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-_ROW_CONFIGS = [(4, 1024, 0, 4, 2), (8, 512, 0, 4, 2), (16, 256, 0, 4, 2), (1, 2048, 0, 8, 2)]
-
-
-@triton.autotune(configs=_configs(_ROW_CONFIGS, (16, 1024, 0)), key=["V"])
-@triton.jit
-def _logits_fwd_kernel(x_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, N, V, stride_xn, v_per_split, inv_temp,
-                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Same partials as _logprobs_fwd_kernel, reading materialized logits x[N, V] (any float dtype)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-    v_start = pid_s * v_per_split
-    v_end = tl.minimum(v_start + v_per_split, V)
-    m = tl.full([BLOCK_N], -1e30, dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    a = tl.zeros([BLOCK_N], dtype=tl.float32)
-    zt = tl.zeros([BLOCK_N], dtype=tl.float32)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn  # N * V can pass 2**31 (32k x 128k)
-    for v0 in range(v_start, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        valid = row_ok[:, None] & (cols < v_end)[None, :]
-        z = tl.load(x_rows + cols[None, :], mask=valid, other=0.0)
-        z = z.to(tl.float32) * inv_temp
-        m, s, a, zt = _online_update(m, s, a, zt, z, cols, t, valid)
-    out = pid_s * N + rows
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(s_ptr + out, s, mask=row_ok)
-    tl.store(a_ptr + out, a, mask=row_ok)
-    tl.store(zt_ptr + out, zt, mask=row_ok)
-
-
-@triton.autotune(configs=_configs(_ROW_CONFIGS, (16, 1024, 0)), key=["V"])
-@triton.jit
-def _logits_bwd_kernel(x_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dx_ptr, N, V, stride_xn, stride_dx,
-                       inv_temp, HAS_GENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """grid (cdiv(N, BLOCK_N), cdiv(V, BLOCK_V)): dx[N, V] = dz / T in the logits' dtype."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < N
-    ok = row_ok[:, None] & (cols < V)[None, :]
-    rows64 = rows.to(tl.int64)  # N * V can pass 2**31
-    z = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0)
-    z = z.to(tl.float32) * inv_temp
-    t = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
-    ez = lse
-    gent = glp
-    if HAS_GENT:
-        ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
-        gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
-    dz = _dz_tile(z, cols, t, lse, ez, glp, gent, HAS_GENT) * inv_temp
-    tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], dz.to(dx_ptr.dtype.element_ty), mask=ok)
-
-
 # ----------------------------------------------------------------------------------------- launchers
 
 
@@ -251,12 +182,12 @@ def _n_split(n_rows: int, V: int, block_n: int, device: torch.device) -> int:
 def _split_partials(N, V, n_split, device):
     v_per_split = triton.cdiv(triton.cdiv(V, n_split), _SPLIT_ALIGN) * _SPLIT_ALIGN
     n_split = triton.cdiv(V, v_per_split)  # every split starts below V (no empty split)
-    bufs = [_alloc((n_split, N), torch.float32, device) for _ in range(4)]
+    bufs = [new_output((n_split, N), torch.float32, device) for _ in range(4)]
     return v_per_split, n_split, bufs
 
 
 def _gemm_flags(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[bool, str]:
-    upcast = hidden.dtype != weight.dtype or (_INTERPRET and hidden.dtype == torch.bfloat16)
+    upcast = hidden.dtype != weight.dtype or (TRITON_INTERPRET and hidden.dtype == torch.bfloat16)
     fp32 = upcast or hidden.dtype == torch.float32
     # fp32 inputs get true fp32 products (torch's default, allow_tf32=False), not tf32.
     return upcast, ("ieee" if fp32 else "tf32")
@@ -296,8 +227,8 @@ def logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp:
     (N, H), V = hidden.shape, weight.shape[0]
     upcast, precision = _gemm_flags(hidden, weight)
     has_gent = g_ent is not None
-    dh = _alloc((N, H), hidden.dtype, hidden.device)
-    dz = _alloc((min(chunk_size, N), V), weight.dtype, hidden.device)
+    dh = new_output((N, H), hidden.dtype, hidden.device)
+    dz = new_output((min(chunk_size, N), V), weight.dtype, hidden.device)
     dw = torch.zeros((V, H), dtype=torch.float32, device=hidden.device) if need_dw else None
     for c0 in range(0, N, chunk_size):
         c1 = min(c0 + chunk_size, N)
@@ -312,29 +243,6 @@ def logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp:
         if need_dw:
             dw += (dz[:n].T @ hidden[c0:c1].to(dz.dtype)).float()  # [V, n] @ [n, H]
     return dh, None if dw is None else dw.to(weight.dtype)
-
-
-def logits_fwd_triton(logits, targets, inv_temp: float, n_split: int | None = None):
-    """logits [N, V] -> (target logit, lse, E[z], entropy) [N] fp32."""
-    logits, targets = logits.contiguous(), targets.contiguous()
-    N, V = logits.shape
-    n_split = n_split or _n_split(N, V, 16, logits.device)
-    v_per_split, n_split, (m, s, a, zt) = _split_partials(N, V, n_split, logits.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_split)
-    _logits_fwd_kernel[grid](logits, targets, m, s, a, zt, N, V, logits.stride(0), v_per_split, inv_temp)
-    return _combine(m, s, a, zt)
-
-
-def logits_bwd_triton(logits, targets, lse, ez, g_lp, g_ent, inv_temp: float):
-    """d logits [N, V] in the logits' dtype."""
-    logits, targets = logits.contiguous(), targets.contiguous()
-    N, V = logits.shape
-    has_gent = g_ent is not None
-    dx = _alloc((N, V), logits.dtype, logits.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"]))
-    _logits_bwd_kernel[grid](logits, targets, lse, ez if has_gent else lse, g_lp, g_ent if has_gent else g_lp,
-                             dx, N, V, logits.stride(0), dx.stride(0), inv_temp, HAS_GENT=has_gent)
-    return dx
 
 
 # ---------------------------------------------------------------------- chunked torch implementation
@@ -421,38 +329,6 @@ def logprobs_bwd_torch(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp, 
     return dh, None if dw is None else dw.to(weight.dtype)
 
 
-def logits_fwd_torch(logits, targets, inv_temp, chunk_size=None):
-    N, V = logits.shape
-    ct = _ct(logits)
-    nc = chunk_size or max(16, _TORCH_TILE // V)
-    outs = []
-    for c0 in range(0, N, nc):
-        z = logits[c0:c0 + nc].to(ct) * inv_temp  # (n, V)
-        m = z.max(1).values
-        d = z - m[:, None]
-        e = d.exp()
-        zt = z.gather(1, targets[c0:c0 + nc].clamp(0, V - 1)[:, None]).squeeze(1)
-        outs.append(_combine(m[None], e.sum(1)[None], (e * d).sum(1)[None], zt[None]))
-    return tuple(torch.cat(o) for o in zip(*outs))
-
-
-def logits_bwd_torch(logits, targets, lse, ez, g_lp, g_ent, inv_temp, chunk_size=None):
-    N, V = logits.shape
-    ct = _ct(logits)
-    nc = chunk_size or max(16, _TORCH_TILE // V)
-    dx = torch.empty_like(logits)
-    for c0 in range(0, N, nc):
-        z = logits[c0:c0 + nc].to(ct) * inv_temp
-        g = g_lp[c0:c0 + nc].to(ct)
-        p = (z - lse[c0:c0 + nc, None].to(ct)).exp_()
-        dz = p * -g[:, None]
-        dz.scatter_add_(1, targets[c0:c0 + nc].clamp(0, V - 1)[:, None], g[:, None])
-        if g_ent is not None:
-            dz += g_ent[c0:c0 + nc, None].to(ct) * p * (ez[c0:c0 + nc, None].to(ct) - z)
-        dx[c0:c0 + nc] = (dz * inv_temp).to(logits.dtype)
-    return dx
-
-
 # -------------------------------------------------------------------------------- autograd Functions
 
 
@@ -502,30 +378,6 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return dh if need_dh else None, dw, None, None, None, None, None, None
 
 
-class LogitsLogprobsFunction(torch.autograd.Function):
-    """(logits [N, V], targets [N]) -> (logprobs [N], entropy [N]); grad: logits."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, backend):
-        inv_temp = 1.0 / float(temperature)
-        fwd = logits_fwd_triton if backend == "triton" else logits_fwd_torch
-        zt, lse, ez, ent = fwd(logits, targets, inv_temp)
-        valid = targets != ignore_index
-        ctx.save_for_backward(logits, targets, lse, ez, valid)
-        ctx.inv_temp, ctx.backend = inv_temp, backend
-        ctx.set_materialize_grads(False)
-        return torch.where(valid, zt - lse, 0.0), torch.where(valid, ent, 0.0)
-
-    @staticmethod
-    def backward(ctx, g_lp, g_ent):
-        logits, targets, lse, ez, valid = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (g_lp is None and g_ent is None):
-            return (None,) * 5
-        g_lp, g_ent = _valid_grads(valid, g_lp, g_ent, lse.dtype)
-        bwd = logits_bwd_triton if ctx.backend == "triton" else logits_bwd_torch
-        return bwd(logits, targets, lse, ez, g_lp, g_ent, ctx.inv_temp), None, None, None, None
-
-
 # ------------------------------------------------------------------------------------- public API
 
 
@@ -569,23 +421,11 @@ def token_logprobs_reference(hidden, weight, targets, temperature=1.0, ignore_in
     """Naive: log_softmax(hidden @ weight.T / T) + gather, fp32 (fp64 for fp64 inputs)."""
     ct = _ct(hidden, weight)
     logits = hidden.to(ct) @ weight.to(ct).T  # (..., V): the full logits
-    return logprobs_from_logits_reference(logits, targets, temperature, ignore_index, return_entropy)
+    return _logprobs_of_logits(logits, targets, temperature, ignore_index, return_entropy)
 
 
-def logprobs_from_logits(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False,
-                         backend=None):
-    """logits [..., V] (any float dtype), targets [...] -> logprobs [...] fp32 (and entropy), 0 at ignored
-    rows; differentiable w.r.t. logits. Reads the logits tile by tile; never makes an fp32 copy."""
-    _check_common(temperature, targets, logits.shape[:-1])
-    backend = resolve_backend(backend, logits)
-    lead = targets.shape
-    lp, ent = LogitsLogprobsFunction.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
-                                           temperature, ignore_index, backend)
-    lp, ent = lp.reshape(lead), ent.reshape(lead)
-    return (lp, ent) if return_entropy else lp
-
-
-def logprobs_from_logits_reference(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
+def _logprobs_of_logits(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """The reference's core on materialized logits [..., V] (any float dtype; fp32 maths, fp64 for fp64)."""
     logp = torch.log_softmax(logits.to(_ct(logits)) / temperature, dim=-1)  # (..., V)
     valid = targets != ignore_index
     lp = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
@@ -613,27 +453,3 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     if estimator == "k3":
         return torch.expm1(-d) + d
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-
-
-def token_logprobs_kl(hidden, weight, targets, ref_logprobs, estimator="k1", temperature=1.0,
-                      ignore_index=-100, backend=None):
-    """(logprobs [...], kl [...]) with kl = kl_penalty(logprobs, ref_logprobs) and 0 at ignored rows.
-
-    The only [N, V] pass is the fused log-prob pass; the KL is an O(N) elementwise epilogue on its
-    output (fusing it into the kernel would save one [N] pass, nothing measurable), differentiable
-    through logprobs.
-    """
-    lp = token_logprobs(hidden, weight, targets, temperature, ignore_index, backend=backend)
-    kl = kl_penalty(lp, ref_logprobs.to(lp.dtype), estimator)
-    return lp, torch.where(targets != ignore_index, kl, 0.0)
-
-
-def token_logprobs_kl_reference(hidden, weight, targets, ref_logprobs, estimator="k1", temperature=1.0,
-                                ignore_index=-100):
-    lp = token_logprobs_reference(hidden, weight, targets, temperature, ignore_index)
-    d = lp - ref_logprobs.to(lp.dtype)
-    kl = {"k1": lambda: d, "k1_clamp": lambda: torch.clamp(d, min=0), "k2": lambda: 0.5 * d ** 2,
-          "k3": lambda: torch.exp(-d) - (-d) - 1}.get(estimator)
-    if kl is None:
-        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-    return lp, torch.where(targets != ignore_index, kl(), 0.0)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from factrl.kernels import _backend
 from factrl.kernels import logprobs as L
 
 FACTOR = 4.0
@@ -20,7 +21,7 @@ BACKENDS = ["torch", "triton"]
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     # launcher-allocated buffers start as NaN: any element a kernel forgets to write fails the test
-    monkeypatch.setattr(L, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)
 
 
 def _assert_within(ours, base, truth, what):
@@ -45,7 +46,7 @@ def _inputs(N, H, V, dtype, scale=1.0, device="cpu"):
 def _naive(hidden, weight, targets, temperature=1.0, ignore_index=-100, return_entropy=True):
     """What plain PyTorch does in the input dtype: logits in that dtype, log_softmax in fp32."""
     logits = (hidden @ weight.T).float()  # (N, V), rounded to the input dtype first
-    return L.logprobs_from_logits_reference(logits, targets, temperature, ignore_index, return_entropy)
+    return L._logprobs_of_logits(logits, targets, temperature, ignore_index, return_entropy)
 
 
 def _run(fn, hidden, weight, targets, g_lp, g_ent, **kw):
@@ -271,44 +272,6 @@ def test_torch_backend_never_materializes_full_logits(monkeypatch):
     assert biggest[0] < N * V
 
 
-# --------------------------------------------------------------------------------- from logits
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("N,V,temperature", [(13, 1000, 1.0), (6, 3001, 0.7)])
-def test_logprobs_from_logits(backend, dtype, N, V, temperature):
-    logits = (torch.randn(N, V) * 4).to(dtype)
-    targets = torch.randint(0, V, (N,))
-    targets[2] = -100
-    g_lp, g_ent = torch.randn(N), torch.randn(N)
-
-    def run(fn, x, **kw):
-        x = x.detach().clone().requires_grad_()
-        lp, ent = fn(x, targets, temperature, return_entropy=True, **kw)
-        (lp * g_lp.to(lp.dtype) + ent * g_ent.to(lp.dtype)).sum().backward()
-        return lp, ent, x.grad
-
-    ours = run(L.logprobs_from_logits, logits, backend=backend)
-    base = run(L.logprobs_from_logits_reference, logits)  # fp32 maths, grad rounded to dtype
-    truth = run(L.logprobs_from_logits_reference, logits.double())
-    assert ours[2].dtype == dtype
-    for name, o, b, t in zip(("logprobs", "entropy", "d logits"), ours, base, truth):
-        _assert_within(o, b, t, f"logits {backend} {dtype} {name}")
-    assert ours[0][2] == 0 and ours[1][2] == 0 and (ours[2][2] == 0).all()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logprobs_from_logits_extreme(backend):
-    logits = torch.randn(5, 500) * 1e4
-    targets = torch.randint(0, 500, (5,))
-    lp, ent = L.logprobs_from_logits(logits, targets, return_entropy=True, backend=backend)
-    tlp, tent = L.logprobs_from_logits_reference(logits.double(), targets, return_entropy=True)
-    blp, bent = L.logprobs_from_logits_reference(logits, targets, return_entropy=True)
-    _assert_within(lp, blp, tlp, "extreme logits logprobs")
-    _assert_within(ent, bent, tent, "extreme logits entropy")
-
-
 # ------------------------------------------------------------------------------------------- KL
 
 
@@ -344,31 +307,6 @@ def test_kl_penalty_gradients(estimator):
     torch.testing.assert_close(grad, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("estimator", L.KL_ESTIMATORS)
-def test_token_logprobs_kl(backend, estimator):
-    N, H, V = 15, 36, 400
-    hidden, weight, targets = _inputs(N, H, V, torch.float32)
-    targets[[3, 9]] = -100
-    ref_lp = L.token_logprobs_reference(hidden + 0.05 * torch.randn(N, H), weight, targets)
-    g_lp, g_kl = torch.randn(N), torch.randn(N)
-
-    def run(fn, h, w, r, **kw):
-        h = h.detach().clone().requires_grad_()
-        lp, kl = fn(h, w, targets, r, estimator, 0.8, **kw)
-        (lp * g_lp.to(lp.dtype) + kl * g_kl.to(lp.dtype)).sum().backward()
-        return lp, kl, h.grad
-
-    ours = run(L.token_logprobs_kl, hidden, weight, ref_lp, backend=backend)
-    base = run(L.token_logprobs_kl_reference, hidden, weight, ref_lp)
-    truth = run(L.token_logprobs_kl_reference, hidden.double(), weight.double(), ref_lp.double())
-    for name, o, b, t in zip(("logprobs", "kl", "d hidden"), ours, base, truth):
-        _assert_within(o, b, t, f"kl {estimator} {backend} {name}")
-    assert (ours[1][[3, 9]] == 0).all() and (ours[2][[3, 9]] == 0).all()
-    if estimator != "k1":
-        assert (ours[1] >= 0).all()
-
-
 # ------------------------------------------------------------------------------------------ GPU
 
 
@@ -390,18 +328,6 @@ def test_gpu_triton_extreme_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_logits_variant(dtype):
-    logits = (torch.randn(777, 32001, device="cuda") * 4).to(dtype).requires_grad_()
-    targets = torch.randint(0, 32001, (777,), device="cuda")
-    lp, ent = L.logprobs_from_logits(logits, targets, 0.9, return_entropy=True)
-    tlp, tent = L.logprobs_from_logits_reference(logits.double(), targets, 0.9, return_entropy=True)
-    blp, bent = L.logprobs_from_logits_reference(logits, targets, 0.9, return_entropy=True)
-    _assert_within(lp, blp, tlp, "gpu logits logprobs")
-    _assert_within(ent, bent, tent, "gpu logits entropy")
-
-
-@pytest.mark.gpu
 def test_gpu_peak_memory_below_naive():
     # N=8k, V=32000, H=1024 bf16: naive holds fp32 logits (1 GB) plus copies; ours a dz chunk
     hidden, weight, targets = _inputs(8192, 1024, 32000, torch.bfloat16, device="cuda")
@@ -416,5 +342,5 @@ def test_gpu_peak_memory_below_naive():
         return torch.cuda.max_memory_allocated() - base
 
     ours = peak(lambda h, w, t: L.token_logprobs(h, w, t))
-    naive = peak(lambda h, w, t: L.logprobs_from_logits_reference((h @ w.T), t))
+    naive = peak(lambda h, w, t: L._logprobs_of_logits((h @ w.T), t))
     assert ours * 8 <= naive, (ours, naive)
