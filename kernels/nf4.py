@@ -1,6 +1,6 @@
 """The NF4 weight format, bit-compatible with bitsandbytes (``quant_type="nf4"``).
 
-Layout (DESIGN.md): a weight ``[out, in]`` is flattened row-major and cut into blocks of
+Layout (as in bitsandbytes): a weight ``[out, in]`` is flattened row-major and cut into blocks of
 ``blocksize`` (64) consecutive elements along ``in``. Each element is the index of the nearest
 entry of the 16-value NF4 table after dividing by its block's absmax; two indices share a
 byte, element ``2j`` in the high nibble. The per-block absmax is fp32, or with double

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Iterable
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
-CHAT_TEMPLATE_NOTE = "vicuna_v1: '{system} USER: {human} ASSISTANT: {gpt}</s>USER: ...'"
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
