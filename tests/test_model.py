@@ -308,14 +308,14 @@ def test_tiny_base_gets_a_pretrained_vision_tower(tmp_path):
     from micro import MICRO_MODEL
 
     from factrl.trainers.config import load_config
-    from factrl.trainers.setup import ensure_base_checkpoint, ensure_dataset
+    from factrl.trainers.embedded import ensure_dataset, ensure_tiny_base
 
     def base(name, steps, *extra):
         cfg = load_config("tiny", [*MICRO_MODEL, "data.shapes_n=150", f"data.root={tmp_path}/data",
                                    f"run.out_dir={tmp_path}/{name}", f"model.tiny.vision_pretrain_steps={steps}",
                                    *extra])
         ensure_dataset(cfg)
-        return ensure_base_checkpoint(cfg)
+        return ensure_tiny_base(cfg)
 
     pre, rand = base("pre", 300), base("rand", 0)
     acc = json.loads((pre / "vision_pretraining.json").read_text())["heldout_accuracy"]

@@ -106,11 +106,13 @@ MICRO = [*MICRO_MODEL, "model.tiny.hidden_size=48", "model.tiny.num_layers=2", "
 def sft_rm(tmp_path_factory):
     """A micro SFT model and a reward model trained on ShapesWorld (about 15 s)."""
     from factrl.trainers.config import load_config
+    from factrl.trainers.embedded import prepare
     from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
 
     root = tmp_path_factory.mktemp("ppo")
     cfg = load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"])
+    prepare(cfg)
     train_sft(cfg)
     train_rm(cfg)
     return root
@@ -124,7 +126,7 @@ def _cfg(root, out, *extra):
 
 
 def _rm_curve(out):
-    from factrl.trainers.common import read_metrics
+    from factrl.trainers.logs import read_metrics
 
     return [(r["reward/rm"], r["kl"]) for r in read_metrics(out / "ppo" / "metrics.jsonl")]
 
@@ -133,9 +135,10 @@ def test_roles_share_one_base_reference_is_sft_and_grads_reach_only_trainables(s
     from factrl.kernels.nf4 import NF4Weight  # noqa: F401
     from factrl.model.io import load_llava
     from factrl.trainers import ppo as P
-    from factrl.trainers.common import StepGuard, make_optimizer, resolve_device
     from factrl.trainers.data import load_captions, load_ppo_prompts
+    from factrl.trainers.run import resolve_device
     from factrl.trainers.setup import load_assets
+    from factrl.trainers.stage import Stage
 
     cfg = _cfg(sft_rm, sft_rm / "roles")
     dev = resolve_device("cpu")
@@ -154,27 +157,28 @@ def test_roles_share_one_base_reference_is_sft_and_grads_reach_only_trainables(s
     caps = load_captions(a.data_root / cfg.data.captions_file)
     prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, tok, a.num_image_tokens, 200, caps)[:8]
     ro = P.rollout(model, tok, prompts, a.images, cfg, dev, torch.Generator().manual_seed(0))
-    P.score(model, tok, ro, cfg, dev)
+    P.score(model, tok, ro, prompts, cfg, dev)
     # reference log-probs == the SFT model's own log-probs (separately loaded, no adapters at all)
     sft = load_llava(sft_rm / "sft" / "final", quantize=True).eval()
     with torch.no_grad():
         b = ro.select(list(range(8)))
-        h = sft(b["input_ids"], b["attention_mask"], image_features=b["image_features"])
+        h = sft(b.input_ids, b.attention_mask, image_features=b.image_features)
         ref = P.response_logprobs(sft, h, b, cfg.ppo.temperature)
     assert torch.equal(ro.ref_logprobs, ref)
     # the fresh policy (LoRA B = 0) starts exactly at the reference
-    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    assert torch.equal(ro.old_logprobs, ro.ref_logprobs)
 
     # one update: gradients reach policy adapter, value adapter and value head only
-    ro.advantages = torch.randn_like(ro.logprobs) * ro.response_mask
+    ro.advantages = torch.randn_like(ro.old_logprobs) * ro.response_mask
     ro.returns = torch.randn_like(ro.values) * ro.response_mask
-    opt, sch = make_optimizer(params, cfg.ppo, 10)
+    stage = Stage(cfg, "ppo")
+    stage.train(model, params, cfg.ppo, 10)
     seen = {}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     for n, p in model.named_parameters():
         if p.requires_grad:
             p.register_hook(lambda g, n=n: seen.__setitem__(n, float(g.abs().sum())))
-    P.ppo_update(model, ro, params, opt, sch, StepGuard(3), cfg, dev, torch.Generator().manual_seed(0))
+    P.ppo_update(model, ro, stage, cfg, torch.Generator().manual_seed(0))
     got = {n for n, v in seen.items() if v > 0}
     assert all(dict(model.named_parameters())[n].grad is None for n in frozen)
     allowed = {n for n, _ in model.named_parameters()
@@ -189,8 +193,8 @@ def _paired_rm_eval(root, cfg, adapter_dirs, k=4, seed=123):
     generator seed (common random numbers pair the policies' samples). Returns {name: [n_prompts]}."""
     from factrl.model.io import load_adapter
     from factrl.trainers import ppo as P
-    from factrl.trainers.common import resolve_device
     from factrl.trainers.data import load_captions, load_ppo_prompts
+    from factrl.trainers.run import resolve_device
     from factrl.trainers.setup import load_assets
 
     dev = resolve_device("cpu")
@@ -203,7 +207,7 @@ def _paired_rm_eval(root, cfg, adapter_dirs, k=4, seed=123):
         if d is not None:
             load_adapter(a.model, d, "policy", trainable=False)
         ro = P.rollout(a.model, a.tokenizer, list(prompts) * k, a.images, cfg, dev, torch.Generator().manual_seed(seed))
-        out[name] = P.score(a.model, a.tokenizer, ro, cfg, dev).view(k, -1).mean(0)
+        out[name] = P.score(a.model, a.tokenizer, ro, list(prompts) * k, cfg, dev).view(k, -1).mean(0)
     return out
 
 
@@ -239,7 +243,8 @@ def test_short_ppo_run_raises_rm_reward_and_broken_updates_do_not(sft_rm, tmp_pa
 
 def test_ppo_resumes_after_a_kill(sft_rm, tmp_path, monkeypatch):
     from factrl.trainers import ppo as P
-    from factrl.trainers.common import Checkpoints, read_metrics
+    from factrl.trainers.checkpoint import Checkpoints
+    from factrl.trainers.logs import read_metrics
 
     P.train_ppo(_cfg(sft_rm, tmp_path / "straight", "ppo.total_steps=4", "ppo.save_every=2"))
     orig = Checkpoints.save

@@ -8,8 +8,10 @@ import pytest
 import torch
 from micro import MICRO_MODEL
 
-from factrl.trainers.common import Checkpoints, NonFiniteError, read_metrics
+from factrl.trainers.checkpoint import Checkpoints
 from factrl.trainers.config import from_dict, load_config, save_config, to_dict
+from factrl.trainers.logs import read_metrics
+from factrl.trainers.stage import NonFiniteError
 
 MICRO = [*MICRO_MODEL, "data.shapes_n=40",
          "sft.batch_size=4", "sft.max_steps=6", "sft.save_every=3", "sft.lr=3e-3",
@@ -20,12 +22,10 @@ MICRO = [*MICRO_MODEL, "data.shapes_n=40",
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
     """One ShapesWorld dataset + tiny base for the module (each run gets its own out_dir)."""
-    from factrl.trainers.setup import ensure_base_checkpoint, ensure_dataset
+    from factrl.trainers.embedded import prepare
 
     root = tmp_path_factory.mktemp("shared")
-    cfg = load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"])
-    ensure_dataset(cfg)
-    ensure_base_checkpoint(cfg)
+    prepare(load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"]))
     return root
 
 
@@ -59,7 +59,7 @@ def test_config_roundtrip_and_unknown_keys(tmp_path):
 
 
 def test_lr_schedules_hand_worked():
-    from factrl.trainers.common import lr_lambda
+    from factrl.trainers.stage import lr_lambda
 
     f = lr_lambda("wsd", warmup=2, total=10, decay_ratio=0.2)  # decay over steps 8..10
     assert [round(f(s), 6) for s in range(11)] == [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 0.5, 0]
@@ -132,7 +132,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_nan_step_is_skipped_and_weights_untouched(shared_data, tmp_path, monkeypatch):
     import factrl.trainers.sft as sft
-    from factrl.trainers import loop
+    from factrl.trainers import stage
 
     real = sft.token_logprobs
     calls = {"n": 0}
@@ -144,7 +144,7 @@ def test_nan_step_is_skipped_and_weights_untouched(shared_data, tmp_path, monkey
 
     monkeypatch.setattr(sft, "token_logprobs", poisoned)
     snapshots = []
-    orig_step = loop.StepGuard.step
+    orig_step = stage.StepGuard.step
 
     def spy(self, loss, params, *a, **k):
         before = [p.detach().clone() for p in params]
@@ -152,7 +152,7 @@ def test_nan_step_is_skipped_and_weights_untouched(shared_data, tmp_path, monkey
         snapshots.append((r, all(torch.equal(b, p) for b, p in zip(before, params))))
         return r
 
-    monkeypatch.setattr(loop.StepGuard, "step", spy)
+    monkeypatch.setattr(stage.StepGuard, "step", spy)
     out = tmp_path / "nan"
     res = sft.train_sft(micro_cfg(shared_data, out, "sft.max_steps=4"))
     assert res["skipped"] == 1

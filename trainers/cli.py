@@ -21,7 +21,7 @@ STAGES = {
     "sft": ("factrl.trainers.sft", "train_sft"),
     "rm": ("factrl.trainers.rm", "train_rm"),
     "ppo": ("factrl.trainers.ppo", "train_ppo"),
-    "eval": ("factrl.trainers.evaluate_model", "evaluate_stages"),
+    "eval": ("factrl.trainers.eval_stage", "evaluate_stages"),
     "pipeline": ("factrl.trainers.pipeline", "run_pipeline"),
 }
 
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
             return 0
         import importlib
 
+        from factrl.trainers.embedded import prepare
+
+        prepare(cfg)  # the embedded default (no model.checkpoint): ShapesWorld + the tiny base, on first use
         mod, fn = STAGES[args.cmd]
         result = getattr(importlib.import_module(mod), fn)(cfg)
         print(json.dumps(result, default=str))

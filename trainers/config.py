@@ -26,29 +26,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+    """The LoRA adapters of every role (qlora SFT, reward, policy, value)."""
+
+    r: int = 8  # rank
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input (the recipe uses 0)
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])  # decoder linears
 
 
 @dataclass
 class TinyModelConfig:
     """The embedded default: a tiny LLaVA built from scratch (random init) on CPU."""
 
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 352
-    vocab_size: int = 512
-    vision_hidden_size: int = 64
-    vision_layers: int = 3
-    vision_heads: int = 4
-    image_size: int = 48
+    hidden_size: int = 128  # decoder width
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention, as LLaMA-2/3)
+    intermediate_size: int = 352  # SwiGLU MLP width
+    vocab_size: int = 512  # the BPE tokenizer trained on the dataset's texts
+    vision_hidden_size: int = 64  # CLIP tower width
+    vision_layers: int = 3  # CLIP tower layers
+    vision_heads: int = 4  # CLIP tower heads
+    image_size: int = 48  # pixels per side (must equal data.shapes_image_size)
     # 16 px patches tile ShapesWorld's 3x3 grid of 16 px cells: one image token per cell.
     patch_size: int = 16
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 512  # longest sequence (image tokens included)
     # The recipe's CLIP tower is pretrained; the tiny one is pretrained on ShapesWorld's training
     # scenes (per-patch colour/shape/size, model.tiny.pretrain_patch_features) when the base is
     # built, then frozen like the recipe's. 0 = leave it random.
@@ -61,11 +63,10 @@ class ModelConfig:
     # under run.out_dir/tiny_base).
     checkpoint: str = ""
     quantize: bool = True  # NF4 base for the RM/PPO stages (SFT 'full' mode never quantizes)
-    double_quant: bool = True
-    blocksize: int = 64
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
-    attn_impl: str = "auto"  # auto | sdpa | flash | xformers
-    gradient_checkpointing: bool = False
+    double_quant: bool = True  # absmax quantized to 8 bits per 256 blocks, as bitsandbytes' double quant
+    blocksize: int = 64  # NF4 elements per absmax block (bitsandbytes' layout)
+    dtype: str = "float32"  # compute dtype on GPU: float32 | bfloat16 | float16 (CPU always fp32)
+    gradient_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
@@ -75,42 +76,49 @@ class DataConfig:
     # Folder holding the LLaVA-RLHF-format files below; for the tiny preset ShapesWorld writes
     # them there on first use.
     root: str = ""
-    image_folder: str = "images"
-    sft_file: str = "sft.json"
-    preference_file: str = "preference.json"
-    preference_eval_file: str = "preference_eval.json"
-    captions_file: str = "image_to_caption.json"
-    ppo_prompts_file: str = "ppo_prompts.json"
-    eval_dir: str = "eval"
+    image_folder: str = "images"  # images, relative to root
+    sft_file: str = "sft.json"  # SFT conversations
+    preference_file: str = "preference.json"  # RM training pairs
+    preference_eval_file: str = "preference_eval.json"  # RM held-out pairs
+    captions_file: str = "image_to_caption.json"  # the facts the fact-augmented RM reads
+    ppo_prompts_file: str = "ppo_prompts.json"  # PPO prompts with caption_type / length_bonus
+    eval_dir: str = "eval"  # held-out eval sets (ShapesWorld: POPE, MMHal-style, CHAIR)
     fact_template: str = ""  # path to a template file; empty = the packaged default
-    max_seq_len: int = 256
-    max_prompt_len: int = 128
+    max_seq_len: int = 256  # SFT / RM examples longer than this (tokens) are dropped and counted
+    max_prompt_len: int = 128  # PPO prompts longer than this (text tokens) are dropped and counted
     image_aspect: str = "pad"  # pad (LLaVA: pad to square with the mean colour) | resize
-    skip_bad_records: bool = False
+    skip_bad_records: bool = False  # skip and count bad records instead of stopping at the first
     shapes_n: int = 2000  # ShapesWorld scenes generated for the tiny preset
-    shapes_seed: int = 0
-    shapes_image_size: int = 48
+    shapes_seed: int = 0  # ShapesWorld generator seed
+    shapes_image_size: int = 48  # ShapesWorld image side in pixels
 
 
 @dataclass
-class TrainLoopConfig:
-    lr: float = 1e-3
+class OptimConfig:
+    """Optimizer, schedule and checkpointing: what every training stage has."""
+
+    lr: float = 1e-3  # peak learning rate (AdamW)
     schedule: str = "cosine"  # cosine | constant | wsd (constant, then cosine over the last decay_ratio)
-    decay_ratio: float = 0.2
-    warmup_ratio: float = 0.03
+    decay_ratio: float = 0.2  # wsd: share of the steps spent decaying
+    warmup_ratio: float = 0.03  # linear warmup over this share of the optimizer steps
     warmup_steps: int = 0  # if > 0, overrides warmup_ratio
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    epochs: float = 1.0
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm (0 = no clipping)
+    save_every: int = 50  # checkpoint every N steps (and at the last)
+    keep_last: int = 2  # complete checkpoints kept
+    max_nonfinite_skips: int = 5  # stop after this many consecutive non-finite steps (each is skipped)
+
+
+@dataclass
+class TrainLoopConfig(OptimConfig):
+    """The supervised loop (SFT, RM): batches of examples, gradient accumulation, eval."""
+
+    epochs: float = 1.0  # passes over the data
     max_steps: int = 0  # if > 0, overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    save_every: int = 50
-    keep_last: int = 2
-    log_every: int = 1
-    eval_every: int = 50
-    max_nonfinite_skips: int = 5
+    batch_size: int = 8  # examples per forward pass and process
+    grad_accum: int = 1  # forward passes per optimizer step (global batch = batch_size x grad_accum x processes)
+    eval_every: int = 50  # held-out eval every N steps (0 = only at the end, where the stage has one)
 
 
 @dataclass
@@ -125,7 +133,7 @@ class SFTConfig(TrainLoopConfig):
 class RMConfig(TrainLoopConfig):
     # The base quantized to NF4: empty = <run.out_dir>/sft/final if it exists, else model.checkpoint
     base: str = ""
-    fact_augmented: bool = True
+    fact_augmented: bool = True  # the RM prompt carries the image's captions (False = vanilla RM)
     mean_reward_penalty: float = 0.0  # small L2 penalty keeping the mean reward near 0
     lr: float = 2e-5
     schedule: str = "constant"
@@ -133,62 +141,71 @@ class RMConfig(TrainLoopConfig):
 
 
 @dataclass
-class PPOConfig(TrainLoopConfig):
+class PPOConfig(OptimConfig):
+    """One PPO step = a rollout of ``rollout_batch_size`` prompts, then ``ppo_epochs`` passes
+    over it in minibatches of ``step_batch_size`` rows (one optimizer step each), so a PPO step
+    makes ppo_epochs x rollout_batch_size / step_batch_size optimizer steps. ``rollout_chunk_size``
+    (prompts generated at once) and ``batch_size`` (rows per scoring/training forward pass;
+    gradients accumulate over a minibatch) only bound memory: they change no result."""
+
     base: str = ""  # as rm.base
     reward_adapter: str = ""  # empty = <run.out_dir>/rm/reward_adapter
     fact_augmented: bool = True  # the RM prompt PPO builds (must match how the RM was trained)
     save_merged: bool = False  # also write a merged llava-hf checkpoint of the policy
     grouped_scoring: bool = True  # policy/reference/value rows in one pass over the base weights
-    # rollout
+    # batch sizes (see above)
     rollout_batch_size: int = 512
-    rollout_chunk_size: int = 32  # prompts generated at once (memory bound)
+    rollout_chunk_size: int = 32
     step_batch_size: int = 256
-    ppo_epochs: int = 2
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_response_len: int = 896
+    batch_size: int = 8
+    # rollout
+    ppo_epochs: int = 2  # passes over each rollout
+    temperature: float = 1.0  # sampling temperature (log-probs are taken at the same temperature)
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_response_len: int = 896  # response tokens sampled at most
     # reward shaping
-    kl_coef: float = 0.1
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_coef: float = 0.1  # per-token penalty coefficient on KL(policy || reference)
+    adaptive_kl: bool = False  # adapt kl_coef toward kl_target (Ziegler et al.)
+    kl_target: float = 6.0  # adaptive KL: target sequence KL
+    kl_horizon: int = 10000  # adaptive KL: horizon in rollout sequences
     kl_estimator: str = "k1_clamp"  # k1 | k1_clamp | k2 | k3
-    no_eos_penalty: float = -8.0
+    no_eos_penalty: float = -8.0  # added to the reward of a response that never emitted EOS
     length_penalty: float = -10.0  # × len / max_response_len × length_bonus
-    correct_bonus: float = 2.0
-    reward_whiten: bool = False
-    reward_clip: float = 0.0  # 0 = off
+    correct_bonus: float = 2.0  # added when a prompt with a known answer (caption_type 2-7) is answered right
+    reward_whiten: bool = False  # whiten RM scores over the rollout before shaping
+    reward_clip: float = 0.0  # clip RM scores to ±reward_clip (0 = off)
     # GAE + losses
-    gamma: float = 1.0
-    lam: float = 1.0
-    whiten_advantages: bool = True
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    total_steps: int = 0  # PPO steps (rollout + update); 0 = one pass over the prompts
+    gamma: float = 1.0  # discount
+    lam: float = 1.0  # GAE lambda
+    whiten_advantages: bool = True  # whiten advantages over the valid response tokens
+    clip_range: float = 0.2  # policy ratio clip
+    clip_range_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1  # value loss weight
+    entropy_coef: float = 0.0  # entropy bonus weight
+    epochs: float = 1.0  # passes over the prompts when total_steps is 0
+    total_steps: int = 0  # PPO steps (rollout + update); 0 = epochs passes over the prompts
     sample_every: int = 5  # log a table of sample responses every N steps
     lr: float = 3e-5
-    warmup_steps: int = 5
+    warmup_steps: int = 5  # in optimizer steps
     schedule: str = "cosine"
     grad_clip: float = 1.0
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 48
-    batch_size: int = 16
+    max_new_tokens: int = 48  # greedy answer length
+    batch_size: int = 16  # questions generated at once (and RM pairs scored at once)
     max_items: int = 0  # cap on each held-out set (0 = all)
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/tiny"
-    seed: int = 0
+    out_dir: str = "runs/tiny"  # every stage writes under it (trainers.run.RunLayout)
+    seed: int = 0  # data order, sampling and initialization
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | path to a checkpoint directory
-    progress: bool = True
+    progress: bool = True  # progress bars
 
 
 @dataclass

@@ -592,20 +592,24 @@ def image_loader(
 # ---- collators --------------------------------------------------------------------------------
 
 
-def _pad(seqs: list[list[int]], value: int, left: bool = False, length: Optional[int] = None) -> torch.Tensor:
+def pad(seqs, value: int, left: bool = False, length: Optional[int] = None) -> torch.Tensor:
+    """``[B, T]`` long: sequences (id lists or 1-D tensors) padded with ``value`` to the longest
+    (at least ``length``) on the right, or the ``left``. The one padding helper: the collators,
+    PPO's rollouts and RM inputs, and eval's generation prompts all use it."""
     T = max([len(s) for s in seqs] + [length or 0])
     out = torch.full((len(seqs), T), value, dtype=torch.long)
     for b, s in enumerate(seqs):
-        if s:
+        if len(s):
             if left:
-                out[b, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+                out[b, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
             else:
-                out[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+                out[b, :len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
 
 
-def _mask(seqs: list[list[int]], T: int, left: bool = False) -> torch.Tensor:
-    return _pad([[1] * len(s) for s in seqs], 0, left, T)
+def pad_mask(seqs, T: Optional[int] = None, left: bool = False) -> torch.Tensor:
+    """The attention mask ``[B, T]`` (1 on real tokens) of ``pad(seqs, ..., left, T)``."""
+    return pad([[1] * len(s) for s in seqs], 0, left, T)
 
 
 def _pixels(examples, images) -> Optional[torch.Tensor]:
@@ -624,11 +628,11 @@ def collate_sft(
     pixel_values (n_img, 3, H, W) for the examples that have an image (batch order) or None,
     has_image (B,) bool."""
     ids = [e.input_ids for e in examples]
-    x = _pad(ids, pad_id)
+    x = pad(ids, pad_id)
     return {
         "input_ids": x,
-        "attention_mask": _mask(ids, x.shape[1]),
-        "labels": _pad([e.labels for e in examples], IGNORE_INDEX, length=x.shape[1]),
+        "attention_mask": pad_mask(ids, x.shape[1]),
+        "labels": pad([e.labels for e in examples], IGNORE_INDEX, length=x.shape[1]),
         "pixel_values": _pixels(examples, images),
         "has_image": torch.tensor([e.image is not None for e in examples]),
     }
@@ -644,10 +648,10 @@ def collate_preferences(
     r = [e.rejected_ids for e in examples]
     T = max(len(s) for s in c + r)
     return {
-        "chosen_input_ids": _pad(c, pad_id, length=T),
-        "chosen_attention_mask": _mask(c, T),
-        "rejected_input_ids": _pad(r, pad_id, length=T),
-        "rejected_attention_mask": _mask(r, T),
+        "chosen_input_ids": pad(c, pad_id, length=T),
+        "chosen_attention_mask": pad_mask(c, T),
+        "rejected_input_ids": pad(r, pad_id, length=T),
+        "rejected_attention_mask": pad_mask(r, T),
         "pixel_values": _pixels(examples, images),
         "has_image": torch.tensor([e.image is not None for e in examples]),
         "hallucination": torch.tensor(
@@ -663,10 +667,10 @@ def collate_prompts(
     caption_type (B,) long; length_bonus (B,) float32; has_image (B,) bool; captions and ids as
     plain lists (for build_rm_input / logging)."""
     q = [e.query_ids for e in examples]
-    x = _pad(q, pad_id, left=True)
+    x = pad(q, pad_id, left=True)
     return {
         "input_ids": x,
-        "attention_mask": _mask(q, x.shape[1], left=True),
+        "attention_mask": pad_mask(q, x.shape[1], left=True),
         "pixel_values": _pixels(examples, images),
         "has_image": torch.tensor([e.image is not None for e in examples]),
         "caption_type": torch.tensor([e.caption_type for e in examples], dtype=torch.long),
@@ -730,6 +734,8 @@ __all__ = [
     "collate_sft",
     "collate_preferences",
     "collate_prompts",
+    "pad",
+    "pad_mask",
     "render_query",
     "render_conversation",
     "encode_segment",

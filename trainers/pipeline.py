@@ -7,29 +7,27 @@ Every stage writes under ``run.out_dir``; a stage whose final output exists is n
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from factrl.trainers.common import stage_dir
 from factrl.trainers.config import Config
-from factrl.trainers.setup import ensure_base_checkpoint, ensure_dataset
+from factrl.trainers.embedded import prepare
+from factrl.trainers.run import RunLayout
 
 
 def run_pipeline(cfg: Config) -> dict:
-    from factrl.trainers.evaluate_model import evaluate_stages
+    from factrl.trainers.eval_stage import evaluate_stages
     from factrl.trainers.ppo import train_ppo
     from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
 
     t0 = time.time()
     times = {}
-    ensure_dataset(cfg)
-    ensure_base_checkpoint(cfg)
-    stages = [("sft", train_sft, stage_dir(cfg, "sft") / "final" / "config.json"),
-              ("rm", train_rm, stage_dir(cfg, "rm") / "reward_adapter" / "adapter_config.json"),
-              ("ppo", train_ppo, stage_dir(cfg, "ppo") / "policy_adapter" / "adapter_config.json")]
-    for name, fn, done in stages:
+    prepare(cfg)
+    layout = RunLayout(Path(cfg.run.out_dir))
+    for name, fn in (("sft", train_sft), ("rm", train_rm), ("ppo", train_ppo)):
         t = time.time()
-        if done.is_file():
-            print(f"[factrl] {name}: {done.parent} exists, skipping (delete it to retrain)")
+        if layout.done(name).is_file():
+            print(f"[factrl] {name}: {layout.done(name).parent} exists, skipping (delete it to retrain)")
         else:
             print(f"[factrl] === {name} ===")
             fn(cfg)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from factrl.trainers.common import autocast, resolve_device, seed_everything, stage_dir
 from factrl.trainers.config import Config
 from factrl.trainers.data import collate_preferences, load_captions, load_preferences
 from factrl.trainers.evaluate import rm_accuracy
 from factrl.trainers.loop import supervised_loop
+from factrl.trainers.run import autocast
 from factrl.trainers.setup import load_assets, stage_base, to_device
+from factrl.trainers.stage import Stage, trainable_adapter
 
 ROLE = "reward"
 
@@ -77,20 +78,15 @@ def evaluate_pairs(model, pairs, batch_size: int, pad_id: int, images, device) -
 
 
 def train_rm(cfg: Config) -> dict:
-    # 1. device, seed
-    device = resolve_device(cfg.run.device)
-    seed_everything(cfg.run.seed)
+    # 1. the stage: device, seed, processes, config saved
+    stage = Stage(cfg, "rm")
+    device = stage.device
 
-    # 2. the SFT checkpoint as an NF4 base, a reward adapter and head
-    a = load_assets(cfg, stage_base(cfg, cfg.rm.base), quantize=cfg.model.quantize, device=device)
+    # 2. the SFT checkpoint as an NF4 base, a reward adapter and head (all that trains)
+    a = load_assets(cfg, stage_base(cfg, stage.layout, cfg.rm.base), quantize=cfg.model.quantize, device=device)
     model, tok = a.model, a.tokenizer
     model.requires_grad_(False)
-    lc = cfg.model.lora
-    model.add_adapter(ROLE, lc.r, lc.alpha, lc.dropout, lc.targets)
-    model.add_head(ROLE, zero_init=True)
-    params = model.adapter_parameters(ROLE) + list(model.heads[ROLE].parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = trainable_adapter(model, ROLE, cfg.model.lora, head=True)
 
     # 3. preference pairs, rendered as RM prompts (fact-augmented or vanilla)
     fact = cfg.rm.fact_augmented
@@ -116,12 +112,12 @@ def train_rm(cfg: Config) -> dict:
     def eval_fn(step):
         return evaluate_pairs(model, held, cfg.eval.batch_size, tok.pad_token_id, a.images, device)
 
-    metrics = supervised_loop(cfg, cfg.rm, "rm", model, params, len(train), make_batch, count, loss_fn, eval_fn,
+    metrics = supervised_loop(stage, cfg.rm, model, params, len(train), make_batch, count, loss_fn, eval_fn,
                               plot_keys=("loss", "acc", "eval/acc", "eval/acc_hallucination"))
 
     # 5. the reward adapter + head in PEFT format
     from factrl.model.io import save_adapter
 
-    out = stage_dir(cfg, "rm")
-    save_adapter(model, ROLE, out / "reward_adapter", base_path=str(a.base), heads=(ROLE,))
-    return {"stage": "rm", "fact_augmented": fact, "adapter": str(out / "reward_adapter"), **metrics}
+    out = stage.layout.reward_adapter
+    save_adapter(model, ROLE, out, base_path=str(a.base), heads=(ROLE,))
+    return {"stage": "rm", "fact_augmented": fact, "adapter": str(out), **metrics}

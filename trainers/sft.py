@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from factrl.kernels.logprobs import token_logprobs
-from factrl.trainers.common import autocast, resolve_device, seed_everything, stage_dir
 from factrl.trainers.config import Config
 from factrl.trainers.data import IGNORE_INDEX, collate_sft, load_sft
 from factrl.trainers.loop import supervised_loop
-from factrl.trainers.setup import ensure_base_checkpoint, load_assets, to_device
+from factrl.trainers.run import autocast
+from factrl.trainers.setup import base_checkpoint, load_assets, to_device
+from factrl.trainers.stage import Stage, trainable_adapter
 
 ADAPTER = "sft"
 
@@ -30,15 +31,15 @@ def sequence_logprobs(model, batch: dict, head_trainable: bool = False) -> torch
 
 
 def train_sft(cfg: Config) -> dict:
-    # 1. device, seed
-    device = resolve_device(cfg.run.device)
-    seed_everything(cfg.run.seed)
+    # 1. the stage: device, seed, processes, config saved
     mode = cfg.sft.mode
     if mode not in ("full", "qlora"):
         raise ValueError(f"sft.mode={mode!r}: expected 'full' or 'qlora'")
+    stage = Stage(cfg, "sft")
+    device, layout = stage.device, stage.layout
 
-    # 2. model + data (the tiny preset makes its ShapesWorld data and base checkpoint on first use)
-    base = ensure_base_checkpoint(cfg)
+    # 2. model + data
+    base = base_checkpoint(cfg, layout)
     a = load_assets(cfg, base, quantize=(mode == "qlora"), device=device)
     model, tok = a.model, a.tokenizer
     examples = load_sft(a.data_root / cfg.data.sft_file, tok, a.num_image_tokens, cfg.data.max_seq_len,
@@ -55,12 +56,9 @@ def train_sft(cfg: Config) -> dict:
             model.vision.requires_grad_(True)
         active = None
     else:
-        lc = cfg.model.lora
         # Only the adapter trains, so the PEFT adapter alone reproduces the merged checkpoint
         # (qlora is for pretrained checkpoints, whose projector is already trained).
-        model.add_adapter(ADAPTER, lc.r, lc.alpha, lc.dropout, lc.targets)
-        for p in model.adapter_parameters(ADAPTER):
-            p.requires_grad_(True)
+        trainable_adapter(model, ADAPTER, cfg.model.lora)
         active = ADAPTER
     head_trainable = model.lm_head.weight.requires_grad
     params = [p for p in model.parameters() if p.requires_grad]
@@ -78,13 +76,12 @@ def train_sft(cfg: Config) -> dict:
         return -lp.sum() / norm, {"tokens": count(b)}
 
     # 5. optimise (resume, accumulation, DDP, NaN guard, checkpoints: trainers/loop.py)
-    metrics = supervised_loop(cfg, cfg.sft, "sft", model, params, len(examples), make_batch, count, loss_fn)
+    metrics = supervised_loop(stage, cfg.sft, model, params, len(examples), make_batch, count, loss_fn)
 
     # 6. the SFT checkpoint in llava-hf format (+ the adapter in PEFT format for qlora)
-    out = stage_dir(cfg, "sft")
     from factrl.model.io import save_adapter, save_llava_hf
 
     if mode == "qlora":
-        save_adapter(model, ADAPTER, out / "adapter", base_path=str(base))
-    save_llava_hf(model, out / "final", tok, a.processor, merge_adapter=ADAPTER if mode == "qlora" else None)
-    return {"stage": "sft", "final": str(out / "final"), **metrics}
+        save_adapter(model, ADAPTER, layout.sft_adapter, base_path=str(base))
+    save_llava_hf(model, layout.sft_final, tok, a.processor, merge_adapter=ADAPTER if mode == "qlora" else None)
+    return {"stage": "sft", "final": str(layout.sft_final), **metrics}

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from factrl.trainers.common import resolve_device, seed_everything, stage_dir
 from factrl.trainers.config import Config
-from factrl.trainers.data import render_query
+from factrl.trainers.data import pad, pad_mask, render_query
 from factrl.trainers.evaluate import blind_answers, format_table, rm_accuracy, run_eval
 from factrl.trainers.setup import load_assets, stage_base
+from factrl.trainers.stage import Stage
 
 
 def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new_tokens: int, device):
@@ -28,9 +28,8 @@ def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new
     def generate(items: list[dict]) -> list[str]:
         queries = [render_query(tok, it["question"], num_image_tokens, has_image=bool(it.get("image")))
                    for it in items]
-        T = max(len(q) for q in queries)
-        ids = torch.tensor([[tok.pad_token_id] * (T - len(q)) + q for q in queries], device=device)
-        mask = torch.tensor([[0] * (T - len(q)) + [1] * len(q) for q in queries], device=device)
+        ids = pad(queries, tok.pad_token_id, left=True).to(device)
+        mask = pad_mask(queries, left=True).to(device)
         px = [images(it["image"]) for it in items if it.get("image")]
         feats = model.encode_images(torch.stack(px).to(device)) if px else None
         with model.adapter(adapter):
@@ -53,14 +52,14 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
 
 
 def evaluate_stages(cfg: Config) -> dict:
-    device = resolve_device(cfg.run.device)
-    seed_everything(cfg.run.seed)
     from factrl.model.io import load_adapter
 
-    a = load_assets(cfg, stage_base(cfg, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
+    stage = Stage(cfg, "eval")
+    device, layout, out = stage.device, stage.layout, stage.out
+    a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
     model = a.model.eval()
-    rm_dir = Path(cfg.ppo.reward_adapter or stage_dir(cfg, "rm") / "reward_adapter")
-    policy_dir = stage_dir(cfg, "ppo") / "policy_adapter"
+    rm_dir = Path(cfg.ppo.reward_adapter or layout.reward_adapter)
+    policy_dir = layout.policy_adapter
     if rm_dir.is_dir():
         load_adapter(model, rm_dir, "reward", trainable=False)
     columns = {"sft": None}
@@ -68,7 +67,6 @@ def evaluate_stages(cfg: Config) -> dict:
         load_adapter(model, policy_dir, "policy", trainable=False)
         columns["ppo"] = "policy"
     rm = rm_eval(model, a, cfg, device)
-    out = stage_dir(cfg, "eval")
     gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
                                    cfg.eval.max_new_tokens, device) for name, adapter in columns.items()}
     sft_file = a.data_root / cfg.data.sft_file

@@ -1,0 +1,108 @@
+"""Logging: metrics to ``metrics.jsonl`` + tensorboard, a progress bar, phase timers, curve plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+class Logger:
+    """Metrics to ``metrics.jsonl`` and tensorboard, a tqdm bar with the live loss, phase timers."""
+
+    def __init__(self, out: Path, total: int, desc: str, progress: bool = True, rank: int = 0, initial: int = 0):
+        self.out, self.rank = out, rank
+        self.path = out / "metrics.jsonl"
+        self.phase: dict[str, float] = {}
+        self.tb = None
+        self.bar = None
+        if rank != 0:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+        except Exception:  # tensorboard is optional at run time
+            self.tb = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+
+    @contextmanager
+    def timer(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.phase[phase] = self.phase.get(phase, 0.0) + time.perf_counter() - t0
+
+    def log(self, step: int, metrics: dict, advance: int = 1) -> None:
+        if self.rank != 0:
+            return
+        row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()},
+               **{f"time/{k}": round(v, 4) for k, v in self.phase.items()}}
+        self.phase = {}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            shown = {k: f"{row[k]:.4g}" for k in ("loss", "reward", "kl", "acc") if isinstance(row.get(k), float)}
+            self.bar.set_postfix(shown)
+            self.bar.update(advance)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.rank == 0 and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _scalar(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png: Path, keys: list[str]) -> Optional[Path]:
+    """PNG of the given metric curves over steps (skipped if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(metrics_path)
+    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
