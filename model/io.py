@@ -37,22 +37,27 @@ class CheckpointError(ValueError):
 
 # ---- atomic writes ----------------------------------------------------------------------------
 @contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yield a temp directory beside ``path``; on success it replaces ``path`` in one rename."""
+def atomic_dir(path: str | os.PathLike, directory: bool = True):
+    """Yield a temp path beside ``path`` — a fresh directory, or with ``directory=False`` a file
+    name to write — that replaces ``path`` in one rename on success and is removed on failure:
+    a killed writer never leaves half a checkpoint, config or data file. The one atomic writer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    else:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         old = None
-        if path.exists():
+        if directory and path.exists():  # a directory cannot be renamed over: move the old one aside
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
 
 

@@ -327,12 +327,11 @@ def load_config(preset: str = "tiny", overrides: Optional[list[str]] = None) -> 
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temp name + rename: a killed writer never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write a text file through ``model.io.atomic_dir``: a killed writer never leaves half a file."""
+    from factrl.model.io import atomic_dir
+
+    with atomic_dir(path, directory=False) as tmp:
+        tmp.write_text(text)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

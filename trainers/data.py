@@ -664,8 +664,7 @@ def collate_prompts(
     examples: list[PromptExample], pad_id: int, images: Optional[Callable[[str], torch.Tensor]] = None
 ) -> dict:
     """LEFT-padded queries for generation: input_ids/attention_mask (B, T); pixel_values;
-    caption_type (B,) long; length_bonus (B,) float32; has_image (B,) bool; captions and ids as
-    plain lists (for build_rm_input / logging)."""
+    caption_type (B,) long; length_bonus (B,) float32; has_image (B,) bool."""
     q = [e.query_ids for e in examples]
     x = pad(q, pad_id, left=True)
     return {
@@ -675,8 +674,6 @@ def collate_prompts(
         "has_image": torch.tensor([e.image is not None for e in examples]),
         "caption_type": torch.tensor([e.caption_type for e in examples], dtype=torch.long),
         "length_bonus": torch.tensor([e.length_bonus for e in examples], dtype=torch.float32),
-        "captions": [e.captions for e in examples],
-        "ids": [e.id for e in examples],
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,9 @@ class Logger:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+            # Into a file or pipe (make train > log), a bar every 30 s instead of one per step.
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
+                            mininterval=0.1 if sys.stderr.isatty() else 30)
 
     @contextmanager
     def timer(self, phase: str):
