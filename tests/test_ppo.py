@@ -6,7 +6,17 @@ import pytest
 import torch
 from micro import MICRO_MODEL
 
-from factrl.trainers.rl import AdaptiveKL, policy_loss, shape_rewards, value_loss
+from factrl.trainers.config import PPOConfig
+from factrl.trainers.rl import (
+    AdaptiveKL,
+    correctness,
+    cut_after,
+    gae_reward_scale,
+    policy_loss,
+    shape_rewards,
+    symbolic_reward,
+    value_loss,
+)
 
 
 # ---- hand-worked maths --------------------------------------------------------------------------
@@ -79,6 +89,69 @@ def test_reward_shaping_terms():
     torch.testing.assert_close(sh.rewards, torch.tensor([[-0.05, -2.0, 0.0], [0.0, -0.1, -9.75]]))
 
 
+@pytest.mark.parametrize("text, caption_type, bonus", [
+    ("Yes, there is a dog.", 7, 0.0),  # no symbolic reward for "Yes" questions, right or wrong
+    ("No, there is none.", 7, 0.0),
+    ("Yes, there is a dog.", 6, -1.0),  # a "Yes" where the answer is "No": −0.5 × 2
+    ("No.", 6, 1.0),
+    ("  No", 6, 1.0),  # the original strips before startswith
+    ("There is no dog.", 6, 0.0),  # neither a leading "No" nor "Yes"
+    ("B. a bicycle", 3, 2.0),
+    ("The correct option is B.", 3, 2.0),
+    ("The correct option is B", 3, 0.0),  # the original wants "B." (with the period)
+    ("B", 3, 0.0),
+    ("A. a car", 3, 0.0),
+    ("D. red", 5, 2.0),
+    ("Anything at all.", 1, 0.0),
+])
+def test_symbolic_correctness_bonus_as_the_original(text, caption_type, bonus):
+    got = correctness([text], [caption_type], "original") * 2.0  # × correct_bonus 2.0
+    assert got.item() == pytest.approx(bonus) and symbolic_reward(text, caption_type) * 2.0 == pytest.approx(bonus)
+    # through the shaping: the bonus is the sequence's only term here
+    sh = shape_rewards(torch.zeros(1), torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([True]),
+                       torch.tensor([2]), torch.tensor([0.0]), got / 2.0, kl_coef=0.1, kl_estimator="k1",
+                       no_eos_penalty=-8.0, length_penalty=-10.0, max_response_len=4, correct_bonus=2.0)
+    assert sh.total.item() == pytest.approx(bonus)
+
+
+def test_factrl_correctness_rule_rewards_a_right_yes_and_parses_more():
+    assert correctness(["Yes, there is.", "(B) red", "The answer is B."], [7, 3, 3], "factrl").tolist() == [1, 1, 1]
+    assert correctness(["No.", "Yes."], [7, 6], "factrl").tolist() == [0, 0]  # wrong: 0, never negative
+    with pytest.raises(ValueError, match="correct_rule"):
+        correctness(["No."], [6], "lenient")
+
+
+def test_question_cut_then_no_eos_penalty():
+    # ids: 7 = "?", 2 = EOS, 0 = pad. Row 0 "a ? b EOS" → cut after "?", length 2, no EOS any more;
+    # row 1 "a b EOS" untouched; row 2 "? EOS": length 1; row 3 "a b" (no EOS, no "?") untouched;
+    # row 4 has a "?" only in its padding (after the length): not cut.
+    tokens = torch.tensor([[5, 7, 6, 2], [5, 6, 2, 0], [7, 2, 0, 0], [5, 6, 0, 0], [5, 2, 0, 7]])
+    lengths = torch.tensor([4, 3, 2, 2, 2])
+    stopped = torch.tensor([True, True, True, False, True])
+    t, n, s = cut_after(tokens, lengths, stopped, torch.tensor([7]), pad_id=0)
+    assert t.tolist() == [[5, 7, 0, 0], [5, 6, 2, 0], [7, 0, 0, 0], [5, 6, 0, 0], [5, 2, 0, 0]]  # padding is pad
+    assert n.tolist() == [2, 3, 1, 2, 2] and s.tolist() == [False, True, False, False, True]
+    sh = shape_rewards(torch.zeros(5), torch.zeros(5, 4), torch.zeros(5, 4), torch.ones(5, 4), s, n,
+                       torch.zeros(5), None, kl_coef=0.0, kl_estimator="k1", no_eos_penalty=-8.0,
+                       length_penalty=0.0, max_response_len=4, correct_bonus=2.0)
+    assert sh.no_eos.tolist() == [-8.0, 0.0, -8.0, -8.0, 0.0]  # asking a question costs the penalty
+    assert sh.rewards[0].tolist() == [0.0, -8.0, 0.0, 0.0]  # at the new last token
+
+
+def test_reward_scale_x10_only_without_reward_whitening():
+    assert gae_reward_scale(PPOConfig()) == 10.0  # the recipe's default: not whitened, ×10
+    assert gae_reward_scale(PPOConfig(reward_whiten=True)) == 1.0
+    assert gae_reward_scale(PPOConfig(reward_scale=3.0)) == 3.0
+    args = (torch.tensor([1.0]), torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, -2.0]]), torch.ones(1, 2),
+            torch.tensor([True]), torch.tensor([2]), torch.tensor([0.0]), None)
+    kw = dict(kl_coef=0.1, kl_estimator="k1", no_eos_penalty=-8.0, length_penalty=0.0, max_response_len=4,
+              correct_bonus=2.0)
+    one, ten = shape_rewards(*args, **kw), shape_rewards(*args, **kw, reward_scale=10.0)
+    torch.testing.assert_close(ten.rewards, 10 * one.rewards)  # KL and score terms alike
+    torch.testing.assert_close(one.rewards, torch.tensor([[0.0, 1.0 - 0.1]]))
+    assert ten.total.item() == one.total.item() == 1.0  # logged terms stay unscaled
+
+
 def test_adaptive_kl_moves_towards_target():
     c = AdaptiveKL(0.1, target=1.0, horizon=100)
     c.update(10.0, 10)  # error clipped at +0.2 → ×1.02
@@ -99,7 +172,8 @@ MICRO = [*MICRO_MODEL, "model.tiny.hidden_size=48", "model.tiny.num_layers=2", "
          # every step rolls out the same 96 prompts, so only the responses move the mean reward
          "ppo.rollout_batch_size=96", "ppo.rollout_chunk_size=48", "ppo.step_batch_size=48", "ppo.batch_size=48",
          "ppo.max_response_len=12", "ppo.total_steps=6", "ppo.lr=1e-2", "ppo.warmup_steps=0", "ppo.schedule=constant",
-         "ppo.save_every=3", "ppo.no_eos_penalty=0", "ppo.length_penalty=0", "ppo.correct_bonus=0"]
+         "ppo.save_every=3", "ppo.no_eos_penalty=0", "ppo.length_penalty=0", "ppo.correct_bonus=0",
+         "ppo.reward_scale=1", "ppo.truncate_at_question=false"]  # as calibrated before the recipe's ×10 and "?" cut
 
 
 @pytest.fixture(scope="module")

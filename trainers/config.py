@@ -134,7 +134,7 @@ class RMConfig(TrainLoopConfig):
     # The base quantized to NF4: empty = <run.out_dir>/sft/final if it exists, else model.checkpoint
     base: str = ""
     fact_augmented: bool = True  # the RM prompt carries the image's captions (False = vanilla RM)
-    mean_reward_penalty: float = 0.0  # small L2 penalty keeping the mean reward near 0
+    mean_reward_penalty: float = 0.0  # coef x |mean(r_chosen + r_rejected)|: keeps rewards near 0 (recipe: 1e-3)
     lr: float = 2e-5
     schedule: str = "constant"
     grad_clip: float = 0.3
@@ -172,22 +172,28 @@ class PPOConfig(OptimConfig):
     kl_estimator: str = "k1_clamp"  # k1 | k1_clamp | k2 | k3
     no_eos_penalty: float = -8.0  # added to the reward of a response that never emitted EOS
     length_penalty: float = -10.0  # × len / max_response_len × length_bonus
-    correct_bonus: float = 2.0  # added when a prompt with a known answer (caption_type 2-7) is answered right
+    correct_bonus: float = 2.0  # × the correctness term of a prompt with a known answer (caption_type 2-7)
+    # original: the recipe's symbolic reward (+1 right option; on "No" questions +0.5 "No", -0.5
+    # "Yes"; nothing on "Yes" questions) | factrl: +1 for any right answer, "Yes" included
+    correct_rule: str = "original"
+    truncate_at_question: bool = True  # cut responses after their first "?" (then no EOS: penalized)
     reward_whiten: bool = False  # whiten RM scores over the rollout before shaping
+    reward_scale: float = 10.0  # shaped rewards ×this before GAE when reward_whiten is off (the recipe's ×10)
     reward_clip: float = 0.0  # clip RM scores to ±reward_clip (0 = off)
     # GAE + losses
     gamma: float = 1.0  # discount
     lam: float = 1.0  # GAE lambda
     whiten_advantages: bool = True  # whiten advantages over the valid response tokens
+    whiten_over_padding: bool = False  # the recipe's whitening over every position, padding included
     clip_range: float = 0.2  # policy ratio clip
     clip_range_value: float = 0.2  # value clip around the rollout's values
     vf_coef: float = 0.1  # value loss weight
     entropy_coef: float = 0.0  # entropy bonus weight
     epochs: float = 1.0  # passes over the prompts when total_steps is 0
-    total_steps: int = 0  # PPO steps (rollout + update); 0 = epochs passes over the prompts
+    total_steps: int = 0  # PPO steps (rollout + update); 0 = prompts x epochs / rollout_batch_size
     sample_every: int = 5  # log a table of sample responses every N steps
-    lr: float = 3e-5
-    warmup_steps: int = 5  # in optimizer steps
+    lr: float = 3e-5  # the schedule steps once per PPO step, as the recipe's (warmup too)
+    warmup_steps: int = 5  # in PPO steps
     schedule: str = "cosine"
     grad_clip: float = 1.0
 

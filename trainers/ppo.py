@@ -17,7 +17,6 @@ from the RM stage). One PPO step reads top-down:
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -29,13 +28,20 @@ from factrl.trainers.config import Config
 from factrl.trainers.data import (
     build_rm_input,
     collate_prompts,
-    is_correct,
     load_captions,
     load_ppo_prompts,
     pad,
     pad_mask,
 )
-from factrl.trainers.rl import AdaptiveKL, policy_loss, shape_rewards, value_loss
+from factrl.trainers.rl import (
+    AdaptiveKL,
+    correctness,
+    cut_after,
+    gae_reward_scale,
+    policy_loss,
+    shape_rewards,
+    value_loss,
+)
 from factrl.trainers.rm import ROLE as REWARD
 from factrl.trainers.rm import last_token_scores
 from factrl.trainers.run import autocast
@@ -96,8 +102,9 @@ class Rollout:
 
 # ---- 1. rollout -----------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(model, tok, prompts: list, images, cfg: Config, device, generator) -> Rollout:
-    """Sample a response to each prompt with the policy, ``rollout_chunk_size`` prompts at a time."""
+def rollout(model, tok, prompts: list, images, cfg: Config, device, generator, cut_ids=None) -> Rollout:
+    """Sample a response to each prompt with the policy, ``rollout_chunk_size`` prompts at a time;
+    responses are cut after their first token in ``cut_ids`` (the recipe's "?" cut) if given."""
     p = cfg.ppo
     parts = []  # (collated prompts, their image features, the generation) per chunk
     model.eval()
@@ -109,6 +116,8 @@ def rollout(model, tok, prompts: list, images, cfg: Config, device, generator) -
                                max_new_tokens=p.max_response_len, temperature=p.temperature, top_p=p.top_p,
                                top_k=p.top_k, generator=generator,
                                suppress_ids=(model.image_token_id, tok.pad_token_id))
+        if cut_ids is not None:
+            g = type(g)(*cut_after(g.tokens, g.lengths, g.stopped, cut_ids, tok.pad_token_id))
         parts.append((b, feats, g))
     R = max(1, max(int(g.lengths.max()) for *_, g in parts))
     rows = lambda key: [r for b, _, _ in parts for r in b[key]]  # noqa: E731
@@ -218,7 +227,7 @@ def ppo_update(model, ro: Rollout, stage: Stage, cfg: Config, generator) -> dict
                              ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl),
                              ("value_error", masked_mean((values - b.returns) ** 2, mask))):
                     stats.setdefault(k, []).append(float(v.detach()))
-            gn = stage.optimizer_step(loss_sum)
+            gn = stage.optimizer_step(loss_sum, schedule=False)  # the schedule steps per PPO step
             stats.setdefault("grad_norm", []).append(float("nan") if gn is None else gn)
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -257,13 +266,14 @@ def train_ppo(cfg: Config) -> dict:
     per_epoch = len(prompts) // p.rollout_batch_size
     if per_epoch == 0:
         raise ValueError(f"{len(prompts)} prompts is fewer than one rollout batch of {p.rollout_batch_size}")
-    steps = p.total_steps if p.total_steps > 0 else max(1, math.ceil(p.epochs * per_epoch))
-    updates_per_step = p.ppo_epochs * max(1, p.rollout_batch_size // p.step_batch_size)
+    # as RLHF/models/rl_trainer.py:282-285: total episodes // rollout batch
+    steps = p.total_steps if p.total_steps > 0 else max(1, int(len(prompts) * p.epochs) // p.rollout_batch_size)
+    # "?" in any form the tokenizer has (the recipe checks Llama's "?" and "▁?" ids, ppo_trainer.py:250-254)
+    cut_ids = torch.tensor([i for t, i in tok.get_vocab().items() if "?" in t]) if p.truncate_at_question else None
     kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)  # rollout sampling
     shuffle = torch.Generator().manual_seed(cfg.run.seed + 2)  # minibatch order
-    saved = stage.train(model, params, p, steps, updates=steps * updates_per_step,
-                        generators={"rollout": gen, "shuffle": shuffle})
+    saved = stage.train(model, params, p, steps, generators={"rollout": gen, "shuffle": shuffle})
     kl_ctl.coef = saved.get("kl_coef", kl_ctl.coef)
 
     log = stage.log
@@ -274,29 +284,29 @@ def train_ppo(cfg: Config) -> dict:
         batch = [prompts[i] for i in order[pos * p.rollout_batch_size:(pos + 1) * p.rollout_batch_size]]
         # 1. rollout
         with log.timer("generation"):
-            ro = rollout(model, tok, batch, a.images, cfg, device, gen)
+            ro = rollout(model, tok, batch, a.images, cfg, device, gen, cut_ids)
             texts = response_texts(tok, ro)
         # 2. score: old/ref log-probs, values, RM score
         with log.timer("scoring"):
             rm_score = score(model, tok, ro, batch, cfg, device)
         # 3. shape rewards
-        correct = torch.tensor([float(is_correct(t, int(c)) is True) for t, c in zip(texts, ro.caption_type)],
-                               device=device)
+        correct = correctness(texts, ro.caption_type.tolist(), p.correct_rule).to(device)
         if p.reward_whiten:
             rm_score = (rm_score - rm_score.mean()) / (rm_score.std() + 1e-8)
         sh = shape_rewards(rm_score, ro.old_logprobs, ro.ref_logprobs, ro.response_mask, ro.stopped, ro.lengths,
                            ro.length_bonus, correct, kl_coef=kl_ctl.coef, kl_estimator=p.kl_estimator,
                            no_eos_penalty=p.no_eos_penalty, length_penalty=p.length_penalty,
                            max_response_len=p.max_response_len, correct_bonus=p.correct_bonus,
-                           reward_clip=p.reward_clip)
-        # 4. GAE (kernel), advantages whitened over valid tokens
+                           reward_clip=p.reward_clip, reward_scale=gae_reward_scale(p))
+        # 4. GAE (kernel), advantages whitened over valid tokens (or every position, as the recipe)
         adv, ret = gae(sh.rewards, ro.values, ro.response_mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            adv = masked_whiten(adv, ro.response_mask)
+            adv = masked_whiten(adv, torch.ones_like(ro.response_mask) if p.whiten_over_padding else ro.response_mask)
         ro.advantages, ro.returns = adv, ret
         # 5. PPO epochs
         with log.timer("training"):
             upd = ppo_update(model, ro, stage, cfg, shuffle)
+        stage.scheduler.step()  # once per PPO step, as RLHF/models/rl_trainer.py:245-252
         # 6. log
         n_tok = float(ro.response_mask.sum())
         kl_seq = float((sh.kl.sum(-1)).mean())

@@ -54,14 +54,17 @@ class ShapedRewards:
 def shape_rewards(score, old_logprobs, ref_logprobs, mask, stopped, lengths, length_bonus,
                   correct: Optional[torch.Tensor], *, kl_coef: float, kl_estimator: str, no_eos_penalty: float,
                   length_penalty: float, max_response_len: int, correct_bonus: float,
-                  reward_clip: float = 0.0) -> ShapedRewards:
-    """Fact-RLHF reward shaping (DESIGN.md):
+                  reward_clip: float = 0.0, reward_scale: float = 1.0) -> ShapedRewards:
+    """Fact-RLHF reward shaping, as RLHF/models/ppo_trainer.py:112-147 and 526-545 (post_reward):
     sequence term at the last response token = RM score + no-EOS penalty (if the sequence did not
-    stop) + length_penalty · len / max_len · length_bonus + correct_bonus (if a known answer was
-    given correctly); every token gets −kl_coef · KL(π_old ‖ π_ref) with the chosen estimator.
+    stop) + length_penalty · len / max_len · length_bonus + correct_bonus · correct; every token
+    gets −kl_coef · KL(π_old ‖ π_ref) with the chosen estimator; all × ``reward_scale`` (the
+    original's ×10 before GAE when rewards are not whitened, ppo_trainer.py:159-164).
 
-    score/stopped/lengths/length_bonus ``[B]``; correct ``[B]`` float in {1 correct, 0 not or
-    unknown} or None; logprobs/mask ``[B, R]``.
+    score/stopped/lengths/length_bonus ``[B]``; correct ``[B]`` float (the ``correctness`` term:
+    e.g. 1 right, −0.5 a wrong "Yes", 0 unknown) or None; logprobs/mask ``[B, R]``. The logged
+    sequence-level parts are unscaled; departure: the score lands on the last *real* token, where
+    the original adds it to the last column, padding or not (its comment: an off-by-one workaround).
     """
     m = mask.float()
     kl = kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * m
@@ -75,7 +78,56 @@ def shape_rewards(score, old_logprobs, ref_logprobs, mask, stopped, lengths, len
     has = lengths > 0
     rows = torch.arange(rewards.shape[0], device=rewards.device)[has]
     rewards = rewards.index_put((rows, last[has]), rewards[rows, last[has]] + total[has])
-    return ShapedRewards(rewards, kl, score, no_eos, length, corr, total)
+    return ShapedRewards(rewards * reward_scale, kl, score, no_eos, length, corr, total)
+
+
+def gae_reward_scale(ppo) -> float:
+    """The factor on shaped rewards before GAE: ``ppo.reward_scale`` (the recipe's 10), but 1 when
+    rewards are whitened — as RLHF/models/ppo_trainer.py:159-164 scales only unwhitened rewards."""
+    return 1.0 if ppo.reward_whiten else ppo.reward_scale
+
+
+def symbolic_reward(text: str, caption_type: int) -> float:
+    """The original's correctness ("symbolic") reward before × correct_bonus, as
+    RLHF/models/ppo_trainer.py:277-303: caption_type 2-5 (answer A-D) +1 when the response starts
+    with "X." or says "correct option is X."; 6 (answer "No") +0.5 for a response starting "No",
+    −0.5 for one starting "Yes"; 7 (answer "Yes") and 1 (general) 0 — "we do not give symbolic
+    reward for 'Yes'", which leaves the push against the yes-bias POPE measures."""
+    r = text.strip()
+    if caption_type in (2, 3, 4, 5):
+        letter = "ABCD"[caption_type - 2] + "."
+        return 1.0 if r.startswith(letter) or f"correct option is {letter}" in text else 0.0
+    if caption_type == 6:
+        return 0.5 if r.startswith("No") else -0.5 if r.startswith("Yes") else 0.0
+    if caption_type in (1, 7):
+        return 0.0
+    raise ValueError(f"caption_type must be 1..7, got {caption_type!r}")
+
+
+def correctness(texts: list[str], caption_types: list[int], rule: str) -> torch.Tensor:
+    """``[B]`` correctness term per response (× correct_bonus in shaping). ``original``: the
+    recipe's ``symbolic_reward``; ``factrl``: 1 for any right answer, "Yes" included, with the
+    broader A-D parse ("(B)", "the answer is B") of ``data.is_correct``, else 0."""
+    if rule == "original":
+        return torch.tensor([symbolic_reward(t, c) for t, c in zip(texts, caption_types)])
+    if rule == "factrl":
+        from factrl.trainers.data import is_correct
+
+        return torch.tensor([float(is_correct(t, c) is True) for t, c in zip(texts, caption_types)])
+    raise ValueError(f"ppo.correct_rule={rule!r}: expected 'original' or 'factrl'")
+
+
+def cut_after(tokens: torch.Tensor, lengths: torch.Tensor, stopped: torch.Tensor, cut_ids: torch.Tensor,
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response ``[B, R]`` after its first token in ``cut_ids`` (the recipe's "?" cut,
+    RLHF/models/rl_trainer.py:528-556 via ppo_trainer.py:250-260): what follows becomes padding,
+    the length shrinks, and a cut response no longer ends with EOS, so it pays the no-EOS
+    penalty (post_reward, ppo_trainer.py:575-583). Returns (tokens, lengths, stopped)."""
+    pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    hit = torch.isin(tokens, cut_ids.to(tokens.device)) & (pos < lengths[:, None])
+    has = hit.any(1)
+    new_len = torch.where(has, hit.long().argmax(1) + 1, lengths)  # argmax: the first hit
+    return tokens.masked_fill(pos >= new_len[:, None], pad_id), new_len, stopped & ~has
 
 
 @dataclass

@@ -106,7 +106,8 @@ def train_rm(cfg: Config) -> dict:
             rc, rr = pair_rewards(model, b)
         loss = F.binary_cross_entropy_with_logits(rc - rr, torch.ones_like(rc), reduction="sum")
         if cfg.rm.mean_reward_penalty > 0:
-            loss = loss + cfg.rm.mean_reward_penalty * (0.5 * (rc + rr)).pow(2).sum()
+            # the original's |mean(r_0 + r_1)| x coef (RLHF/models/reward_model.py:315), per micro-batch
+            loss = loss + cfg.rm.mean_reward_penalty * (rc + rr).sum().abs()
         return loss / norm, {"acc": float((rc > rr).float().sum()) / norm}
 
     def eval_fn(step):

@@ -83,7 +83,8 @@ class StepGuard:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else \
             torch.sqrt(sum((g.float() ** 2).sum() for g in grads)) if grads else torch.tensor(0.0)
         optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -137,14 +138,13 @@ class Stage:
         if self.rank == 0:
             save_config(cfg, self.out / "config.yaml")
 
-    def train(self, model, params: list, loop, steps: int, updates: int = 0,
-              generators: Optional[dict] = None) -> dict:
-        """Set up training of ``params`` for ``steps`` logged steps (the schedule spans
-        ``updates`` optimizer steps, default ``steps``) and resume per ``run.resume``. Returns
-        the resumed checkpoint's state ({} for a fresh run) for stage extras such as kl_coef."""
+    def train(self, model, params: list, loop, steps: int, generators: Optional[dict] = None) -> dict:
+        """Set up training of ``params`` for ``steps`` steps (the schedule's length) and resume
+        per ``run.resume``. Returns the resumed checkpoint's state ({} for a fresh run) for stage
+        extras such as kl_coef."""
         self.model, self.params, self.loop, self.steps = model, params, loop, steps
         self.generators = generators or {}
-        self.optimizer, self.scheduler = make_optimizer(params, loop, updates or steps)
+        self.optimizer, self.scheduler = make_optimizer(params, loop, steps)
         self.guard = StepGuard(loop.max_nonfinite_skips)
         self.ckpts = Checkpoints(self.out / "checkpoints", keep=loop.keep_last)
         self.start, state = self._resume()
@@ -155,10 +155,12 @@ class Stage:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def optimizer_step(self, loss: torch.Tensor) -> Optional[float]:
-        """Gradients averaged over processes, then a guarded step; the grad norm, or None if skipped."""
+    def optimizer_step(self, loss: torch.Tensor, schedule: bool = True) -> Optional[float]:
+        """Gradients averaged over processes, then a guarded step (and a schedule step unless
+        ``schedule`` is False: PPO steps it once per PPO step); the grad norm, or None if skipped."""
         all_reduce_grads(self.params)
-        return self.guard.step(loss, self.params, self.optimizer, self.scheduler, self.loop.grad_clip)
+        return self.guard.step(loss, self.params, self.optimizer, self.scheduler if schedule else None,
+                               self.loop.grad_clip)
 
     def end_step(self, step: int, metrics: dict, **extra) -> None:
         """Log step ``step`` (1-based) and checkpoint it every ``save_every`` steps and at the end."""
