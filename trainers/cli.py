@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     try:
         if args.cmd == "data":
-            from factrl.trainers.shapes import write_dataset
+            from factrl.trainers.shapesworld.dataset import write_dataset
 
             info = write_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
             print(json.dumps(info, default=str))

@@ -521,7 +521,7 @@ def is_correct(response_text: str, caption_type: int) -> Optional[bool]:
     """Is a response right for a prompt with known answer? None for caption_type 1 (general).
     2-5: the option letter (A-D) given first (or "the answer is X"); 6/7: an explicit "No"/"Yes"
     in the first sentence (POPE parsing; a response with neither word is not correct)."""
-    from .evaluate import parse_choice, parse_yes_no
+    from .metrics import parse_choice, parse_yes_no
 
     want = CAPTION_TYPES.get(caption_type, "?")
     if want == "?":

@@ -27,7 +27,7 @@ def ensure_dataset(cfg: Config) -> Path:
     root = Path(cfg.data.root)
     if (root / cfg.data.sft_file).is_file():
         return root
-    from factrl.trainers.shapes import write_dataset
+    from factrl.trainers.shapesworld.dataset import write_dataset
 
     print(f"[factrl] generating ShapesWorld ({cfg.data.shapes_n} scenes, seed {cfg.data.shapes_seed}) in {root}")
     write_dataset(root, n=cfg.data.shapes_n, seed=cfg.data.shapes_seed, image_size=cfg.data.shapes_image_size)
@@ -59,7 +59,8 @@ def _tower_pretraining(cfg: Config, root: Path) -> Callable:
 
     from factrl.model.tiny import make_image_processor, pretrain_patch_features
     from factrl.trainers.data import image_loader
-    from factrl.trainers.shapes import PATCH_LABELS, load_scenes, patch_labels
+    from factrl.trainers.shapesworld.dataset import load_scenes
+    from factrl.trainers.shapesworld.scenes import PATCH_LABELS, patch_labels
 
     tiny = cfg.model.tiny
     grid = tiny.image_size // tiny.patch_size

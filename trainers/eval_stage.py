@@ -16,8 +16,9 @@ import torch
 
 from factrl.trainers.config import Config
 from factrl.trainers.data import pad, pad_mask, render_query
-from factrl.trainers.evaluate import blind_answers, format_table, rm_accuracy, run_eval
+from factrl.trainers.metrics import format_table, rm_accuracy
 from factrl.trainers.setup import load_assets, stage_base
+from factrl.trainers.shapesworld.scoring import blind_answers, run_eval
 from factrl.trainers.stage import Stage
 
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from factrl.trainers.config import Config
 from factrl.trainers.data import collate_preferences, load_captions, load_preferences
-from factrl.trainers.evaluate import rm_accuracy
 from factrl.trainers.loop import supervised_loop
+from factrl.trainers.metrics import rm_accuracy
 from factrl.trainers.run import autocast
 from factrl.trainers.setup import load_assets, stage_base, to_device
 from factrl.trainers.stage import Stage, trainable_adapter
