@@ -1,21 +1,25 @@
-"""Hallucination evaluation: parsers, claim checking, POPE/CHAIR/MMHal/RM metrics, the runner."""
+"""ShapesWorld scoring: claim checking against the facts, CHAIR over scenes, the runner, the blind baseline."""
 
 import json
 import random
 
 import pytest
 
-from factrl.trainers import evaluate as E
-from factrl.trainers import shapes as S
+from factrl.trainers import metrics as M
+from factrl.trainers.shapesworld import dataset as SD
+from factrl.trainers.shapesworld import grammar as G
+from factrl.trainers.shapesworld import scenes as W
+from factrl.trainers.shapesworld import scoring as R
+from factrl.trainers.shapesworld import specs as SP
 
-SCENE = S.Scene(
+SCENE = W.Scene(
     "t",
     "t.png",
     "gray",
     [
-        S.Obj("circle", "red", "large", 0, 0),
-        S.Obj("star", "blue", "small", 1, 1),
-        S.Obj("circle", "green", "small", 2, 2),
+        W.Obj("circle", "red", "large", 0, 0),
+        W.Obj("star", "blue", "small", 1, 1),
+        W.Obj("circle", "green", "small", 2, 2),
     ],
 )
 
@@ -23,48 +27,8 @@ SCENE = S.Scene(
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sw")
-    S.write_dataset(root, 80, seed=2, n_eval=40)
+    SD.write_dataset(root, 80, seed=2, n_eval=40)
     return root
-
-
-@pytest.mark.parametrize(
-    "text,want",
-    [
-        ("Yes.", "yes"),
-        ("No.", "no"),
-        ("no", "no"),
-        ("Yes, there is a red circle.", "yes"),
-        ("There is not a star.", "no"),
-        ("No, it is not.", "no"),
-        ("Yes. But no star.", "yes"),
-        ("I think so", "yes"),
-        ("", "yes"),
-        ("NO!", "no"),
-        ("Nothing here", "yes"),
-    ],
-)
-def test_parse_yes_no_pope_rule(text, want):
-    assert E.parse_yes_no(text) == want
-
-
-@pytest.mark.parametrize(
-    "text,want",
-    [
-        ("B", "B"),
-        ("B.", "B"),
-        ("(C) red", "C"),
-        ("D red", None),
-        ("D. red", "D"),
-        ("A", "A"),
-        ("The answer is A.", "A"),
-        ("A red circle.", None),
-        ("", None),
-        ("b", None),
-        ("Blue.", None),
-    ],
-)
-def test_parse_choice(text, want):
-    assert E.parse_choice(text) == want
 
 
 @pytest.mark.parametrize(
@@ -118,26 +82,26 @@ def test_parse_choice(text, want):
     ],
 )
 def test_extract_and_check_claims(text, claims, truth):
-    got = E.extract_claims(text)
+    got = G.extract_claims(text)
     assert got == claims
-    assert [E.check_claim(c, SCENE) for c in got] == truth
+    assert [G.check_claim(c, SCENE) for c in got] == truth
 
 
 def test_check_answer_open_yesno_choice():
     spec = {"type": "color", "shape": "star"}
-    assert E.check_answer("The star is blue.", spec, SCENE) == {
+    assert G.check_answer("The star is blue.", spec, SCENE) == {
         "correct": True,
         "hallucination": False,
         "n_claims": 1,
         "false_claims": [],
     }
-    r = E.check_answer("The star is red.", spec, SCENE)
+    r = G.check_answer("The star is red.", spec, SCENE)
     assert not r["correct"] and r["hallucination"] and r["false_claims"] == [("color_of", "star", "red")]
-    r = E.check_answer("I cannot tell.", spec, SCENE)
+    r = G.check_answer("I cannot tell.", spec, SCENE)
     assert not r["correct"] and not r["hallucination"]
     ex = {"type": "exists", "color": "red", "shape": "star"}
-    assert E.check_answer("No.", ex, SCENE)["correct"]
-    assert E.check_answer("Yes, there is.", ex, SCENE)["hallucination"]
+    assert G.check_answer("No.", ex, SCENE)["correct"]
+    assert G.check_answer("Yes, there is.", ex, SCENE)["hallucination"]
     ch = {
         "type": "choice",
         "about": "color",
@@ -145,27 +109,15 @@ def test_check_answer_open_yesno_choice():
         "options": ["red", "blue", "green", "yellow"],
         "answer": "B",
     }
-    assert E.check_answer("B", ch, SCENE)["correct"]
-    assert E.check_answer("C", ch, SCENE)["hallucination"]
-    r = E.check_answer("I do not know.", ch, SCENE)
+    assert G.check_answer("B", ch, SCENE)["correct"]
+    assert G.check_answer("C", ch, SCENE)["hallucination"]
+    r = G.check_answer("I do not know.", ch, SCENE)
     assert not r["correct"] and not r["hallucination"]
 
 
-def test_pope_metrics_hand_worked():
-    m = E.pope_metrics(["yes", "yes", "no", "no", "yes"], ["yes", "no", "no", "yes", "yes"])
-    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 1)
-    assert m["accuracy"] == pytest.approx(0.6) and m["precision"] == pytest.approx(2 / 3)
-    assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
-    assert m["yes_ratio"] == pytest.approx(0.6)
-    none = E.pope_metrics(["no", "no"], ["yes", "no"])
-    assert none["precision"] == 0.0 and none["f1"] == 0.0 and none["accuracy"] == 0.5
-    with pytest.raises(ValueError):
-        E.pope_metrics(["maybe"], ["yes"])
-
-
 def test_chair_hand_worked():
-    other = S.Scene("u", "u.png", "white", [S.Obj("square", "yellow", "large", 0, 0)])
-    res = E.chair(
+    other = W.Scene("u", "u.png", "white", [W.Obj("square", "yellow", "large", 0, 0)])
+    res = R.chair(
         [
             "A red circle and a blue star and a red star. The red circle again.",  # 3 mentions, 1 bad
             "A yellow square.",  # 1 mention, fine
@@ -178,30 +130,13 @@ def test_chair_hand_worked():
     assert res["coverage"] == pytest.approx(3 / 5)  # 2 of 3 in SCENE, 1 of 1, 0 of 1
 
 
-def test_mmhal_and_rm_accuracy_hand_worked():
-    recs = [
-        {"category": "attribute", "correct": True, "hallucination": False},
-        {"category": "attribute", "correct": False, "hallucination": True},
-        {"category": "counting", "correct": False, "hallucination": False},
-    ]
-    m = E.mmhal_score(recs)
-    assert m["score"] == pytest.approx(1.5 / 3) and m["hallucination_rate"] == pytest.approx(1 / 3)
-    assert m["per_category"]["attribute"] == {"score": 0.5, "hallucination_rate": 0.5, "n": 2}
-    assert m["per_category"]["counting"] == {"score": 0.5, "hallucination_rate": 0.0, "n": 1}
-    r = E.rm_accuracy([(1.0, 0.0, True), (0.0, 1.0, True), (2.0, -1.0, False), (0.5, 0.5, None), (3, 1, -1)])
-    assert r["accuracy"] == pytest.approx(3 / 5) and r["n"] == 5
-    assert r["accuracy_hallucination"] == 0.5 and r["n_hallucination"] == 2
-    assert r["accuracy_non_hallucination"] == 1.0 and r["n_non_hallucination"] == 1
-    assert E.rm_accuracy([])["accuracy"] is None
-
-
 def _oracle(scenes):
     """Answers computed from the facts (spec + scene), not read from the eval files."""
-    return lambda items: [S.answer(it["spec"], scenes[it["image"]]) for it in items]
+    return lambda items: [G.answer(it["spec"], scenes[it["image"]]) for it in items]
 
 
 def test_oracle_scores_perfectly(data_root):
-    scenes = S.load_scenes(data_root / "scenes.json")
+    scenes = SD.load_scenes(data_root / "scenes.json")
     calls = []
     gen = _oracle(scenes)
 
@@ -210,10 +145,10 @@ def test_oracle_scores_perfectly(data_root):
         assert all("answer" not in it and "label" not in it for it in items)  # no answers leak
         return gen(items)
 
-    res = E.run_eval(fn, data_root, progress=False, batch_size=7)
+    res = R.run_eval(fn, data_root, progress=False, batch_size=7)
     assert max(len(c) for c in calls) <= 7
     assert res["hallucination_rate"] == 0.0 and res["mmhal"]["score"] == 1.0
-    assert set(res["mmhal"]["per_category"]) == set(S.CATEGORIES)
+    assert set(res["mmhal"]["per_category"]) == set(SP.CATEGORIES)
     for split in ("random", "popular", "adversarial"):
         p = res["pope"][split]
         assert p["f1"] == 1.0 and p["accuracy"] == 1.0 and p["yes_ratio"] == 0.5
@@ -223,7 +158,7 @@ def test_oracle_scores_perfectly(data_root):
 
 
 def test_always_yes_gets_the_expected_pope_numbers(data_root):
-    res = E.run_eval(lambda items: ["Yes."] * len(items), data_root, progress=False)
+    res = R.run_eval(lambda items: ["Yes."] * len(items), data_root, progress=False)
     for split in ("random", "popular", "adversarial"):
         items = json.loads((data_root / "eval" / f"pope_{split}.json").read_text())
         share = sum(it["label"] == "yes" for it in items) / len(items)
@@ -234,10 +169,10 @@ def test_always_yes_gets_the_expected_pope_numbers(data_root):
 
 
 def test_hallucinating_answerer_is_caught(data_root):
-    scenes = S.load_scenes(data_root / "scenes.json")
+    scenes = SD.load_scenes(data_root / "scenes.json")
     rng = random.Random(0)
-    res = E.run_eval(
-        lambda items: [S.hallucinate(it["spec"], scenes[it["image"]], rng)[0] for it in items],
+    res = R.run_eval(
+        lambda items: [G.hallucinate(it["spec"], scenes[it["image"]], rng)[0] for it in items],
         data_root,
         progress=False,
     )
@@ -248,14 +183,14 @@ def test_hallucinating_answerer_is_caught(data_root):
 
 
 def test_max_items_out_path_and_table(data_root, tmp_path, capsys):
-    scenes = S.load_scenes(data_root / "scenes.json")
-    res = E.run_eval(_oracle(scenes), data_root, max_items=5, progress=True, out_path=tmp_path / "r.json")
+    scenes = SD.load_scenes(data_root / "scenes.json")
+    res = R.run_eval(_oracle(scenes), data_root, max_items=5, progress=True, out_path=tmp_path / "r.json")
     assert res["pope"]["random"]["n"] == 5 and res["mmhal"]["n"] == 5 and res["chair"]["n"] == 5
     assert json.loads((tmp_path / "r.json").read_text())["mmhal"]["n"] == 5
     assert "POPE F1 random" in capsys.readouterr().err
-    yes = E.run_eval(lambda items: ["Yes."] * len(items), data_root, max_items=5, progress=False)
-    yes["rm"] = E.rm_accuracy([(1, 0, True), (0, 1, False)])
-    t = E.format_table({"oracle": res, "always-yes": yes})
+    yes = R.run_eval(lambda items: ["Yes."] * len(items), data_root, max_items=5, progress=False)
+    yes["rm"] = M.rm_accuracy([(1, 0, True), (0, 1, False)])
+    t = M.format_table({"oracle": res, "always-yes": yes})
     lines = t.splitlines()
     assert "oracle" in lines[0] and "always-yes" in lines[0]
     row = next(line for line in lines if line.startswith("POPE F1 random"))
@@ -268,7 +203,7 @@ def test_max_items_out_path_and_table(data_root, tmp_path, capsys):
 
 def test_generate_fn_must_return_one_answer_per_item(data_root):
     with pytest.raises(ValueError, match="responses"):
-        E.run_eval(lambda items: ["Yes."], data_root, max_items=3, progress=False, batch_size=4)
+        R.run_eval(lambda items: ["Yes."], data_root, max_items=3, progress=False, batch_size=4)
 
 
 def test_blind_answers_is_the_majority_answer_per_question():
@@ -282,7 +217,7 @@ def test_blind_answers_is_the_majority_answer_per_question():
             rec("c.png", (f"<image>\n{red}", "Yes."), (bg, "The background is gray."), (bg, "The background is gray.")),
             {"conversations": [{"from": "human", "value": "What shapes can appear?"},
                                {"from": "gpt", "value": "Circles."}]}]
-    blind = E.blind_answers(recs)
+    blind = R.blind_answers(recs)
     items = [{"image": "z.png", "question": q} for q in
              ("Is there a red circle in the image?", "What color is the background?", "Is there a blue star?")]
     # the <image> token's place does not matter; unseen questions get no answer

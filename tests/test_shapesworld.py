@@ -8,23 +8,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from factrl.model.tokenizer import build_tokenizer
 from factrl.trainers import data as D
-from factrl.trainers import evaluate as E
-from factrl.trainers import shapes as S
+from factrl.trainers.shapesworld import dataset as SD
+from factrl.trainers.shapesworld import grammar as G
+from factrl.trainers.shapesworld import scenes as W
+from factrl.trainers.shapesworld import specs as SP
 
 
 @pytest.fixture(scope="module")
 def world():
-    return S.build(620, seed=1)
+    return SD.build(620, seed=1)
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("sw")
-    info = S.write_dataset(root, 60, seed=5)
+    info = SD.write_dataset(root, 60, seed=5)
     return root, info
 
 
@@ -34,14 +38,14 @@ def _files(root: Path) -> dict:
 
 def test_same_seed_byte_identical_files(tmp_path, written):
     root, info = written
-    S.write_dataset(tmp_path / "b", 60, seed=5)
+    SD.write_dataset(tmp_path / "b", 60, seed=5)
     a, b = _files(root), _files(tmp_path / "b")
     assert (
         sorted(a) == sorted(b)
         and len([k for k in a if k.endswith(".png")]) == 60 + info["counts"]["scenes_eval"]
     )
     assert all(a[k] == b[k] for k in a)  # PNGs included
-    S.write_dataset(tmp_path / "c", 60, seed=6)
+    SD.write_dataset(tmp_path / "c", 60, seed=6)
     c = _files(tmp_path / "c")
     assert c["sft.json"] != a["sft.json"] and c["images/shapes_000000.png"] != a["images/shapes_000000.png"]
 
@@ -50,13 +54,13 @@ def test_every_faithful_answer_is_consistent_with_the_facts(world):
     items = world["items"]
     assert len(items) >= 1000
     for scene, spec, ans in items:
-        r = E.check_answer(ans, spec, scene)
+        r = G.check_answer(ans, spec, scene)
         assert r["correct"] and not r["hallucination"], (spec, ans, scene)
     for scene, spec, ans in world["unhelpful"]:  # faithful but less helpful: never a hallucination
-        assert not E.check_answer(ans, spec, scene)["hallucination"], (spec, ans)
+        assert not G.check_answer(ans, spec, scene)["hallucination"], (spec, ans)
     assert len(world["unhelpful"]) >= 50
     # every written SFT answer is one of these checked items
-    checked = {(s.image, S.question(sp), a) for s, sp, a in items}
+    checked = {(s.image, G.question(sp), a) for s, sp, a in items}
     for rec in world["sft"]:
         if "image" not in rec:
             continue
@@ -71,7 +75,7 @@ def test_every_planted_hallucination_is_detected(world):
     kinds = Counter(k for *_, k in planted)
     assert set(kinds) == {"wrong_attribute", "absent_object", "wrong_count", "wrong_relation"}
     for scene, spec, ans, kind in planted:
-        r = E.check_answer(ans, spec, scene)
+        r = G.check_answer(ans, spec, scene)
         assert r["hallucination"] and not r["correct"], (kind, spec, ans, scene)
     # and the preference records flag them: a hallucination=True pair's rejected output is planted
     planted_set = {(sc.image, a) for sc, _, a, _ in planted}
@@ -83,7 +87,7 @@ def test_every_planted_hallucination_is_detected(world):
         if rec["hallucination"]:
             assert (rec["image"], bad) in planted_set
         else:
-            assert all(E.check_claim(c, by_image[rec["image"]]) for c in E.extract_claims(bad)), bad
+            assert all(G.check_claim(c, by_image[rec["image"]]) for c in G.extract_claims(bad)), bad
 
 
 def test_captions_are_true_facts(world):
@@ -91,8 +95,8 @@ def test_captions_are_true_facts(world):
     for s in world["scenes"]:
         lines = caps[s.image]
         assert len(lines) == len(s.objects) + 1
-        claims = [c for line in lines for c in E.extract_claims(line)]
-        assert len(claims) >= len(lines) and all(E.check_claim(c, s) for c in claims)
+        claims = [c for line in lines for c in G.extract_claims(line)]
+        assert len(claims) >= len(lines) and all(G.check_claim(c, s) for c in claims)
         aok = caps["aok_" + s.image]
         assert len(aok) == 1 and aok[0].startswith("The correct option is ")
 
@@ -102,12 +106,12 @@ def test_ppo_prompts_caption_types_and_correctness(world):
     rng = random.Random(0)
     for rec, (scene, spec) in zip(world["ppo"], world["ppo_specs"]):
         ct = rec["caption_type"]
-        good = S.answer(spec, scene)
+        good = G.answer(spec, scene)
         if ct == 1:
             assert D.is_correct(good, ct) is None
             continue
         assert D.is_correct(good, ct) is True, (ct, good)
-        bad, _ = S.hallucinate(spec, scene, rng)
+        bad, _ = G.hallucinate(spec, scene, rng)
         assert D.is_correct(bad, ct) is False, (ct, bad)
 
 
@@ -131,12 +135,12 @@ def test_pope_splits(world):
         assert labels["yes"] == labels["no"] > 0
         for it in items:
             s = by_image[it["image"]]
-            assert S.answer(it["spec"], s) == ("Yes." if it["label"] == "yes" else "No.")
+            assert G.answer(it["spec"], s) == ("Yes." if it["label"] == "yes" else "No.")
             if split == "adversarial" and it["label"] == "no":
                 c, sh = it["spec"]["color"], it["spec"]["shape"]
                 assert any(o.color == c or o.shape == sh for o in s.objects)
     cats = Counter(it["category"] for it in world["eval"]["mmhal"])
-    assert set(cats) == set(S.CATEGORIES)
+    assert set(cats) == set(SP.CATEGORIES)
 
 
 def test_written_files_load_in_the_real_formats(written):
@@ -158,32 +162,32 @@ def test_written_files_load_in_the_real_formats(written):
             if t["from"] == "gpt":
                 words = len(t["value"].split())
                 assert words <= (40 if t["value"].startswith("A ") and "background" in t["value"] else 25)
-    for name in E.EVAL_SETS:
+    for name in SD.EVAL_SETS:
         assert (root / "eval" / f"{name}.json").is_file()
     assert set(json.loads((root / "image_to_caption.json").read_text())) >= {"aok_shapes_000000.png"}
 
 
 def test_rendered_shapes_have_their_colors():
     rng = random.Random(3)
-    palette = {**S.COLORS, **{"bg_" + k: v for k, v in S.BACKGROUNDS.items()}}
+    palette = {**W.COLORS, **{"bg_" + k: v for k, v in W.BACKGROUNDS.items()}}
     for k in range(150):
-        scene = S.random_scene(rng, f"s{k}", f"s{k}.png")
-        img = S.render(scene, 48)
+        scene = W.random_scene(rng, f"s{k}", f"s{k}.png")
+        img = W.render(scene, 48)
         assert img.size == (48, 48) and img.mode == "RGB"
-        assert img.getpixel((0, 0)) == S.BACKGROUNDS[scene.background]  # corners are never covered
+        assert img.getpixel((0, 0)) == W.BACKGROUNDS[scene.background]  # corners are never covered
         for o in scene.objects:
             px = img.getpixel((int((o.col + 0.5) * 16), int((o.row + 0.5) * 16)))
             nearest = min(palette, key=lambda n: sum((a - b) ** 2 for a, b in zip(palette[n], px)))
             assert nearest == o.color, (o, px)
     # a large shape covers more pixels than a small one of the same kind
-    big = S.render(S.Scene("a", "a.png", "white", [S.Obj("circle", "red", "large", 1, 1)]), 48)
-    small = S.render(S.Scene("b", "b.png", "white", [S.Obj("circle", "red", "small", 1, 1)]), 48)
+    big = W.render(W.Scene("a", "a.png", "white", [W.Obj("circle", "red", "large", 1, 1)]), 48)
+    small = W.render(W.Scene("b", "b.png", "white", [W.Obj("circle", "red", "small", 1, 1)]), 48)
     count = lambda im: int((np.asarray(im)[..., 1] < 128).sum())
     assert count(big) > 2 * count(small) > 0
 
 
 def test_2000_scenes_written(tmp_path):
-    info = S.write_dataset(tmp_path, 2000, seed=0)
+    info = SD.write_dataset(tmp_path, 2000, seed=0)
     assert info["counts"]["scenes_train"] == 2000 and len(list((tmp_path / "images").glob("*.png"))) == 2400
     with Image.open(tmp_path / "images" / "shapes_000000.png") as im:
         assert im.size == (48, 48)
@@ -191,13 +195,13 @@ def test_2000_scenes_written(tmp_path):
 
 def _positions_in(text: str) -> list[str]:
     """Grid-cell names in the order a description mentions them ("at the top left, ...")."""
-    return re.findall(r"at the (" + "|".join(sorted(S.POSITION_CELLS, key=len, reverse=True)) + ")", text)
+    return re.findall(r"at the (" + "|".join(sorted(W.POSITION_CELLS, key=len, reverse=True)) + ")", text)
 
 
 def test_descriptions_list_objects_in_reading_order(world):
     # Faithful descriptions are a function of the image, and planted ones look the same: the order
     # of the listing never gives a hallucination away.
-    reading = {name: cell for cell, name in S.POSITIONS.items()}
+    reading = {name: cell for cell, name in W.POSITIONS.items()}
     faithful = [a for _, spec, a in world["items"] if spec["type"] == "describe"]
     planted = [a for _, spec, a, _ in world["planted"] if spec["type"] == "describe"]
     assert len(faithful) >= 600 and len(planted) >= 50
@@ -209,15 +213,53 @@ def test_descriptions_list_objects_in_reading_order(world):
 def test_patch_labels_follow_the_scene(world):
     for scene in world["scenes"][:60]:
         for grid in (3, 6):
-            lab = S.patch_labels(scene, grid)
-            assert set(lab) == set(S.PATCH_LABELS)
+            lab = W.patch_labels(scene, grid)
+            assert set(lab) == set(W.PATCH_LABELS)
             for i in range(grid * grid):
                 cell = divmod(i, grid)[0] * 3 // grid, divmod(i, grid)[1] * 3 // grid
                 assert lab["cell"][i] == cell[0] * 3 + cell[1]
-                objs = scene.find(pos=S.POSITIONS[cell])
-                want = ((list(S.COLORS).index(objs[0].color) + 1, S.SHAPES.index(objs[0].shape) + 1,
-                         S.SIZES.index(objs[0].size) + 1) if objs else (0, 0, 0))
+                objs = scene.find(pos=W.POSITIONS[cell])
+                want = ((list(W.COLORS).index(objs[0].color) + 1, W.SHAPES.index(objs[0].shape) + 1,
+                         W.SIZES.index(objs[0].size) + 1) if objs else (0, 0, 0))
                 assert (lab["color"][i], lab["shape"][i], lab["size"][i]) == want, (scene, grid, i)
-            assert all(0 <= v < S.PATCH_LABELS[k] for k, vs in lab.items() for v in vs)
+            assert all(0 <= v < W.PATCH_LABELS[k] for k, vs in lab.items() for v in vs)
     with pytest.raises(ValueError, match="does not tile"):
-        S.patch_labels(world["scenes"][0], 4)
+        W.patch_labels(world["scenes"][0], 4)
+
+
+def _specs(seed: int):
+    """A random scene and, per category, a few specs about it (plus POPE and multiple-choice ones)."""
+    rng = random.Random(seed)
+    scene = W.random_scene(rng, "p", "p.png")
+    specs = [SP.make_spec(c, scene, rng) for c in SP.CATEGORIES for _ in range(3)]
+    specs += [SP.make_exists_spec(scene, rng, present=p) for p in (True, False)] + [SP.make_choice_spec(scene, rng)]
+    return scene, specs, rng
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_every_question_type_reads_back_its_own_answers(seed):
+    # A registry entry is complete: its faithful answer parses, through its own claim patterns, as
+    # correct, and its planted hallucination as a hallucination.
+    scene, specs, rng = _specs(seed)
+    for spec in specs:
+        qt = G.QTYPES[spec["type"]]
+        good, (bad, kind) = G.answer(spec, scene), G.hallucinate(spec, scene, rng)
+        assert kind in {"wrong_attribute", "absent_object", "wrong_count", "wrong_relation"}
+        r = G.check_answer(good, spec, scene)
+        assert r["correct"] and not r["hallucination"], (spec, good, scene)
+        r = G.check_answer(bad, spec, scene)
+        assert r["hallucination"] and not r["correct"], (spec, bad, scene)
+        if qt.yesno or spec["type"] == "choice":
+            assert not qt.claims and not G.extract_claims(good) and not G.extract_claims(bad)
+            continue
+        own = G.extract_claims(good, qt.claims)
+        assert own and own == G.extract_claims(good), (spec, good)
+        assert all(G.check_claim(c, scene) for c in own)
+        lies = G.extract_claims(bad, qt.claims)
+        assert lies == G.extract_claims(bad) and not all(G.check_claim(c, scene) for c in lies), (spec, bad)
+
+
+def test_the_specs_cover_every_question_type():
+    assert {sp["type"] for seed in range(100) for sp in _specs(seed)[1]} == set(G.QTYPES)
+    assert set().union(*(q.claims for q in G.QTYPES.values())) == set(G.CLAIMS)  # no pattern unused
