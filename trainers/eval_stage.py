@@ -4,7 +4,7 @@ Both run on the same NF4 base PPO used (SFT = adapters off, PPO = the ``policy``
 the table isolates what RLHF changed. A third column, ``blind``, answers every question with the
 SFT data's most frequent answer to it without looking at the image: the chance level a model must
 beat. Also the reward model's pairwise accuracy on held-out preference pairs. Scoring is
-programmatic against the ShapesWorld facts (trainers/evaluate.py).
+programmatic against the ShapesWorld facts (trainers/shapesworld/scoring.py).
 """
 
 from __future__ import annotations
