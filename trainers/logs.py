@@ -58,7 +58,7 @@ class Logger:
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             shown = {k: f"{row[k]:.4g}" for k in ("loss", "reward", "kl", "acc") if isinstance(row.get(k), float)}
-            self.bar.set_postfix(shown)
+            self.bar.set_postfix(shown, refresh=False)  # refresh only at mininterval
             self.bar.update(advance)
 
     def text(self, tag: str, text: str, step: int) -> None:
