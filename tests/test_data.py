@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import tempfile
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from factrl.model.tokenizer import build_tokenizer
 from factrl.trainers import data as D
+from factrl.trainers import rm_prompt
 
 NIT = 4  # image tokens per image in these tests
 SYS = D.SYSTEM_PROMPT
@@ -28,7 +30,7 @@ SFT = [
     {
         "id": "b",
         "image": "img2.png",
-        "conversations": [  # multi-turn, placeholder after the text
+        "conversations": [  # multi-turn, placeholder after the text (LLaVA moves it to the front)
             {"from": "human", "value": "What is here?\n<image>"},
             {"from": "gpt", "value": "A star."},
             {"from": "human", "value": "Is it big?"},
@@ -106,7 +108,7 @@ for r in PPO:
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = [SYS, "USER: ASSISTANT:", D.load_template(None, True), D.load_template(None, False)]
+    texts = [SYS, "USER: ASSISTANT:", *(rm_prompt.load_template(n, f) for n in ("factrl", "original") for f in (1, 0))]
     texts += [t["value"] for r in SFT + PREF + PPO for t in r["conversations"]]
     texts += [r[k]["value"] for r in PREF for k in ("output_1", "output_2")]
     texts += [c for v in CAPTIONS.values() for c in ([v] if isinstance(v, str) else v)]
@@ -137,9 +139,9 @@ def test_sft_labels_mask_exactly_the_assistant_tokens(tok, root):
     e = exs[1]
     parts = [
         ([bos], False),
-        (enc(tok, f"{SYS} USER: What is here?"), False),
-        ([img] * NIT, False),
-        (enc(tok, "ASSISTANT:"), False),
+        (enc(tok, f"{SYS} USER:"), False),
+        ([img] * NIT, False),  # moved to the front of the turn, as LLaVA does
+        (enc(tok, "What is here? ASSISTANT:"), False),
         (enc(tok, "A star.") + [eos], True),
         (enc(tok, "USER: Is it big? ASSISTANT:"), False),
         (enc(tok, "No.") + [eos], True),
@@ -179,7 +181,7 @@ def test_captions_with_aok(root):
 
 def test_preferences_fact_augmented_and_vanilla(tok, root):
     caps = D.load_captions(root / "caps.json")
-    exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True)
+    exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True, template="factrl", seed=5)
     assert [e.hallucination for e in exs] == [None, True, False]
     e0 = exs[0]
     prefix = (
@@ -188,20 +190,26 @@ def test_preferences_fact_augmented_and_vanilla(tok, root):
         + [tok.convert_tokens_to_ids("<image>")] * NIT
         + enc(tok, "What color is the circle? ASSISTANT:")
     )
-    facts = "A red circle is at the top.\nThe background is white.\nThe correct option is B: red."
-    suffix_text = D.load_template(None, True).replace("{captions}", facts)
-    assert e0.chosen_ids == prefix + enc(tok, "The circle is red.") + enc(tok, suffix_text)  # preference 2
-    assert e0.rejected_ids == prefix + enc(tok, "The circle is blue.") + enc(tok, suffix_text)
+    # RM training reads the image's captions only (no aok_), shuffled per output by the seeded RNG,
+    # and every response ends with EOS before the prompt (as the original's vicuna "</s>")
+    rng = random.Random(5)
+    t = rm_prompt.load_template("factrl", True)
+    s1, s2 = rm_prompt.render(t, CAPTIONS["img1.png"], rng), rm_prompt.render(t, CAPTIONS["img1.png"], rng)
+    eos = [tok.eos_token_id]
+    assert e0.chosen_ids == prefix + enc(tok, "The circle is red.") + eos + enc(tok, s2)  # preference 2
+    assert e0.rejected_ids == prefix + enc(tok, "The circle is blue.") + eos + enc(tok, s1)
     tail = tok.decode(e0.chosen_ids[-12:])
     assert tail.rstrip().endswith("the quality score of my last response is")
-    assert "The correct option is B: red." in tok.decode(e0.chosen_ids)
+    assert "The correct option is B" not in tok.decode(e0.chosen_ids)
+    again = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=5)
+    assert [e.chosen_ids for e in again] == [e.chosen_ids for e in exs]  # reproducible by seed
     # multi-turn: the earlier gpt turn stays (with its eos), the outputs follow the last question
     e1 = exs[1]
-    assert e1.chosen_ids.count(tok.eos_token_id) == 1
+    assert e1.chosen_ids.count(tok.eos_token_id) == 2  # the earlier turn's and the output's
     assert tok.decode(e1.chosen_ids).count("A big blue star.") == 1
     # text-only record: no captions, the fact block is empty
     assert "circle is at the top" not in tok.decode(exs[2].chosen_ids)
-    van = D.load_preferences(root / "pref.json", tok, NIT, 1000, None, fact_augmented=False)
+    van = D.load_preferences(root / "pref.json", tok, NIT, 1000, None, fact_augmented=False, template="factrl")
     vt = tok.decode(van[0].chosen_ids)
     assert "A red circle is at the top." not in vt and vt.rstrip().endswith(
         "the quality score of my last response is"
@@ -217,7 +225,7 @@ def test_custom_template_file_and_text(tok, root, tmp_path):
     b = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template=p.read_text())
     assert a[0].chosen_ids == b[0].chosen_ids
     assert "Facts:" in tok.decode(a[0].chosen_ids)
-    with pytest.raises(ValueError, match="captions"):
+    with pytest.raises(ValueError, match="placeholder"):
         D.load_preferences(
             root / "pref.json", tok, NIT, 1000, caps, True, template="USER: no block\nASSISTANT: x"
         )
@@ -225,14 +233,50 @@ def test_custom_template_file_and_text(tok, root, tmp_path):
 
 def test_build_rm_input_matches_rm_training_layout(tok, root):
     caps = D.load_captions(root / "caps.json")
-    exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True)
+    exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True, seed=1)
     q = D.render_query(tok, "What color is the circle?", NIT, has_image=True)
-    facts = caps["img1.png"] + caps["aok_img1.png"]
-    resp = enc(tok, "The circle is red.") + [tok.eos_token_id, tok.pad_token_id]  # generated, padded
+    rng = random.Random(1)
+    t = rm_prompt.load_template("", True)
+    rm_prompt.render(t, caps["img1.png"], rng)  # output_1's draw
+    prompt = rm_prompt.render(t, caps["img1.png"], rng)  # output_2, the chosen one
+    resp = enc(tok, "The circle is red.") + [tok.eos_token_id, tok.pad_token_id]  # generated, stopped, padded
     left_padded_q = [tok.pad_token_id] * 3 + q
-    assert D.build_rm_input(tok, left_padded_q, resp, facts, True) == exs[0].chosen_ids
+    assert D.build_rm_input(tok, left_padded_q, resp, prompt) == exs[0].chosen_ids
     van = D.load_preferences(root / "pref.json", tok, NIT, 1000, None, fact_augmented=False)
-    assert D.build_rm_input(tok, q, resp, [], False) == van[0].chosen_ids
+    assert D.build_rm_input(tok, q, resp, rm_prompt.load_template("", False)) == van[0].chosen_ids
+    # a response that did not stop (no EOS, e.g. cut at "?") reaches the RM prompt without one
+    cut = D.build_rm_input(tok, q, enc(tok, "The circle is red."), prompt)
+    assert cut == [x for j, x in enumerate(exs[0].chosen_ids) if j != len(q) + len(enc(tok, "The circle is red."))]
+
+
+def test_original_fact_prompt_renders_exactly():
+    """The recipe's template file, FACTUAL_PROMPT and bullets (RLHF/prompts/fact_rlhf_reward_prompt.txt,
+    RLHF/data_utils/constants.py:19, common_utils.py:383-388), captions shuffled by the seed."""
+    t = rm_prompt.load_template("original", True)
+    assert t.startswith("USER: Please evaluate the quality of your last response.") and "{factual_prompt}" in t
+    caps = ["c1.", "c2.", "c3."]
+    got = rm_prompt.render(t, caps, random.Random(0))
+    order = caps[:]
+    random.Random(0).shuffle(order)
+    assert order != caps  # seed 0 does move them
+    bullets = "".join(f"  - {c}\n" for c in order)
+    want = ("USER: Please evaluate the quality of your last response. There are several dimensions you should "
+            "consider in your evaluation:\n\n1. Accurate: The AI should provide factual and accurate information "
+            "from the image, and refrain from making statements that are not supported by the image or "
+            "inconsistent with the image. Specifically, the AI's response should be fully supported by the "
+            f"combination of the following captions:\n{bullets}\n2. Helpful: The AI\u2019s response should "
+            "precisely serve the user's needs and interests, while grounding the response in the image.\n"
+            "3. Language Natural: The AI should employ language that flows smoothly and is free from repetitive "
+            "or awkward constructs.\n4. Concise: The AI should efficiently address the task or answer the "
+            "question, communicating the necessary information with brevity and clarity.\n\nA good response "
+            "should be accurate, helpful, language natural, and concise. ASSISTANT: Following your definitions, "
+            "the quality score of my last response is")
+    assert got == want
+    assert rm_prompt.render(t, caps, random.Random(0)) == got and rm_prompt.render(t, caps, random.Random(1)) != got
+    assert "{factual_prompt}" not in rm_prompt.load_template("original", False)  # the vanilla file
+    # which captions: aok_ only for caption_type 2-5, the image's own for 1/6/7 and RM training
+    assert [rm_prompt.fact_key("x.jpg", c) for c in (None, 1, 2, 5, 6, 7)] == \
+        ["x.jpg", "x.jpg", "aok_x.jpg", "aok_x.jpg", "x.jpg", "x.jpg"]
 
 
 def test_render_query_is_the_sft_prefix(tok, root):
@@ -252,8 +296,9 @@ def test_ppo_prompts_every_caption_type(tok, root):
     assert [e.length_bonus for e in exs] == [0.5 * c for c in range(1, 8)]
     for e in exs:
         assert e.query_ids[-len(enc(tok, "ASSISTANT:")) :] == enc(tok, "ASSISTANT:")
-        if e.image:
-            assert e.captions == CAPTIONS["img1.png"] + CAPTIONS["aok_img1.png"]
+        if e.image:  # the aok_ truth for the multiple-choice types 2-5, else the image's captions
+            want = CAPTIONS["aok_img1.png"] if 2 <= e.caption_type <= 5 else CAPTIONS["img1.png"]
+            assert e.captions == want
             assert e.query_ids.count(tok.convert_tokens_to_ids("<image>")) == NIT
         else:
             assert e.captions == [] and tok.convert_tokens_to_ids("<image>") not in e.query_ids
@@ -311,8 +356,8 @@ def _bad_cases():
     del sft_missing[1]["conversations"]
     sft_img = json.loads(json.dumps(SFT))
     sft_img[1]["image"] = "nope.png"
-    ppo_missing = json.loads(json.dumps(PPO))
-    del ppo_missing[1]["caption_type"]
+    ppo_lb = json.loads(json.dumps(PPO))
+    ppo_lb[1]["length_bonus"] = "long"
     ppo_ct = json.loads(json.dumps(PPO))
     ppo_ct[1]["caption_type"] = 9
     sft_turn = json.loads(json.dumps(SFT))
@@ -322,7 +367,7 @@ def _bad_cases():
         ("sft", sft_img, "image"),
         ("pref", pref_bad, "preference"),
         ("pref", pref_missing, "output_2"),
-        ("ppo", ppo_missing, "caption_type"),
+        ("ppo", ppo_lb, "length_bonus"),
         ("ppo", ppo_ct, "caption_type"),
         ("sft", sft_turn, "conversations[1].from"),
     ]
@@ -549,3 +594,80 @@ def test_text_corpus(root):
     ):
         assert s in joined
     assert "img1.png" not in joined and "<image>" not in joined
+
+
+# ---- real data as the original reads it --------------------------------------------------------
+
+
+def test_image_placeholder_moves_to_the_front_as_llava(tok, root):
+    front = [{"id": 0, "image": "img1.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "Red."}]}]
+    end = json.loads(json.dumps(front))
+    end[0]["conversations"][0]["value"] = "What color is the circle?\n<image>"
+    mid = json.loads(json.dumps(front))
+    mid[0]["conversations"][0]["value"] = "What color <image> is the circle?"
+    a, b = (D.load_sft(_write(root, f"{n}.json", r), tok, NIT, 1000) for n, r in (("front", front), ("end", end)))
+    assert a[0].input_ids == b[0].input_ids and a[0].labels == b[0].labels
+    img = tok.convert_tokens_to_ids("<image>")
+    c = D.load_sft(_write(root, "mid.json", mid), tok, NIT, 1000)[0]
+    assert c.input_ids.index(img) == a[0].input_ids.index(img)  # in front, whatever the text around it
+
+
+def test_ppo_prompt_defaults_as_the_original(tok, root):
+    recs = [{"id": 0, "image": "img1.png", "conversations": [{"from": "human", "value": "Describe it."}]}]
+    ex = D.load_ppo_prompts(_write(root, "ppo_min.json", recs), tok, NIT, 1000, None)[0]
+    assert (ex.caption_type, ex.length_bonus, ex.captions) == (1, 1.0, [])  # and no captions needed
+
+
+def test_captions_only_for_a_fact_augmented_rm(tok, root):
+    recs = json.loads(json.dumps(PREF))
+    recs[0]["image"] = "img9.png"  # no entry in the captions file
+    path = _write(root, "pref_nocap.json", recs)
+    van = D.load_preferences(path, tok, NIT, 1000, None, fact_augmented=False)  # no captions file at all
+    assert len(van) == len(recs)
+    caps = D.load_captions(root / "caps.json")
+    with pytest.raises(D.DataError, match="img9.png") as ei:
+        D.load_preferences(path, tok, NIT, 1000, caps, fact_augmented=True)
+    assert ei.value.index == 0 and "captions" in str(ei.value)
+    skipped = D.load_preferences(path, tok, NIT, 1000, caps, fact_augmented=True, skip_bad=True)
+    assert skipped.stats.n_skipped == 1 and len(skipped) == len(recs) - 1
+
+
+@pytest.mark.parametrize("flag, want", [(True, True), (0, False), (1, True), ("true", True), ("No", False),
+                                        (" YES ", True), ("false", False)])
+def test_hallucination_flag_forms(tok, root, flag, want):
+    recs = json.loads(json.dumps(PREF[:1]))
+    recs[0]["hallucination"] = flag
+    assert D.load_preferences(_write(root, "pref_h.json", recs), tok, NIT, 1000, None, False)[0].hallucination is want
+
+
+@pytest.mark.parametrize("flag", ["maybe", 2, 0.5, [1]])
+def test_hallucination_flag_bad_value_names_the_record(tok, root, flag):
+    recs = json.loads(json.dumps(PREF[:1]))
+    recs[0]["hallucination"] = flag
+    with pytest.raises(D.DataError, match="record 0: field 'hallucination'"):
+        D.load_preferences(_write(root, "pref_hb.json", recs), tok, NIT, 1000, None, False)
+
+
+def test_preference_file_alone_gives_a_seeded_held_out_split(tok, root):
+    from types import SimpleNamespace
+
+    from factrl.trainers.config import load_config
+    from factrl.trainers.rm import load_pairs
+
+    recs = [dict(json.loads(json.dumps(PREF[0])), id=f"p{i}") for i in range(30)]
+    for i, r in enumerate(recs):
+        r["output_1"] = {"value": f"The circle is blue {i}."}
+    _write(root, "preference.json", recs)  # and no preference_eval.json
+    a = SimpleNamespace(data_root=root, tokenizer=tok, num_image_tokens=NIT)
+
+    def split(seed, size=7):
+        cfg = load_config("tiny", [f"run.seed={seed}", f"rm.eval_size={size}", "data.max_seq_len=1000"])
+        train, held = load_pairs(cfg, a, fact_augmented=False)
+        return [e.id for e in train], [e.id for e in held]
+
+    t0, h0 = split(0)
+    assert len(h0) == 7 and len(t0) == 23 and not set(t0) & set(h0) and set(t0) | set(h0) == {r["id"] for r in recs}
+    assert split(0) == (t0, h0) and split(1)[1] != h0
+    with pytest.raises(ValueError, match="rm.eval_size=30"):
+        split(0, 30)

@@ -79,11 +79,12 @@ class DataConfig:
     image_folder: str = "images"  # images, relative to root
     sft_file: str = "sft.json"  # SFT conversations
     preference_file: str = "preference.json"  # RM training pairs
-    preference_eval_file: str = "preference_eval.json"  # RM held-out pairs
+    preference_eval_file: str = "preference_eval.json"  # RM held-out pairs; absent = carved (rm.eval_size)
     captions_file: str = "image_to_caption.json"  # the facts the fact-augmented RM reads
     ppo_prompts_file: str = "ppo_prompts.json"  # PPO prompts with caption_type / length_bonus
     eval_dir: str = "eval"  # held-out eval sets (ShapesWorld: POPE, MMHal-style, CHAIR)
-    fact_template: str = ""  # path to a template file; empty = the packaged default
+    # RM prompt: original (the recipe's 4-criterion file, empty = it) | factrl (one short sentence) | a file path
+    fact_template: str = ""
     max_seq_len: int = 256  # SFT / RM examples longer than this (tokens) are dropped and counted
     max_prompt_len: int = 128  # PPO prompts longer than this (text tokens) are dropped and counted
     image_aspect: str = "pad"  # pad (LLaVA: pad to square with the mean colour) | resize
@@ -134,6 +135,7 @@ class RMConfig(TrainLoopConfig):
     # The base quantized to NF4: empty = <run.out_dir>/sft/final if it exists, else model.checkpoint
     base: str = ""
     fact_augmented: bool = True  # the RM prompt carries the image's captions (False = vanilla RM)
+    eval_size: int = 500  # held-out pairs carved from the preference file when no eval file exists (recipe: 500)
     mean_reward_penalty: float = 0.0  # coef x |mean(r_chosen + r_rejected)|: keeps rewards near 0 (recipe: 1e-3)
     lr: float = 2e-5
     schedule: str = "constant"

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import random
 import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -41,6 +42,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from factrl.model.tiny import make_image_processor  # re-exported: the tiny checkpoint's processor
+from factrl.trainers import rm_prompt
 
 log = logging.getLogger("factrl.data")
 
@@ -50,8 +52,6 @@ SYSTEM_PROMPT = (
 )
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-CAPTIONS_PLACEHOLDER = "{captions}"
 CAPTION_TYPES = {1: None, 2: "A", 3: "B", 4: "C", 5: "D", 6: "no", 7: "yes"}
 
 
@@ -108,7 +108,7 @@ class PromptExample:
     image: Optional[str]
     caption_type: int
     length_bonus: float
-    captions: list[str]  # image captions (+ the aok_ ground truth) for the fact-augmented RM
+    captions: list[str]  # what the fact-augmented RM reads (rm_prompt.fact_key: image or aok_ entry)
     human: str
     id: str
 
@@ -164,7 +164,8 @@ def _record_image(rec: dict, f, i, image_folder) -> Optional[str]:
 
 def _conversations(rec: dict, f, i, has_image: bool) -> list[tuple[str, str]]:
     """Validated [(from, value)], alternating human/gpt from a human turn; the image placeholder
-    only in the first human turn (added in front when the record has an image but no placeholder)."""
+    only in the first human turn, moved to its front (added there when the record has an image but
+    no placeholder), as LLaVA's preprocess_multimodal (RLHF/data_utils/data_utils_sft.py)."""
     conv = _require(rec, "conversations", list, f, i, "a list of turns")
     if not conv:
         raise DataError(f, i, "conversations", "empty")
@@ -190,8 +191,8 @@ def _conversations(rec: dict, f, i, has_image: bool) -> list[tuple[str, str]]:
         raise DataError(f, i, "conversations[0].value", f"{n_img} {IMAGE_TOKEN} placeholders (expected one)")
     if n_img and not has_image:
         raise DataError(f, i, "image", f"text has {IMAGE_TOKEN} but the record has no image")
-    if has_image and not n_img:
-        turns[0] = ("human", f"{IMAGE_TOKEN}\n{turns[0][1]}")
+    if has_image:  # "<image>\n" in front wherever it was, as LLaVA's preprocess_multimodal
+        turns[0] = ("human", f"{IMAGE_TOKEN}\n" + turns[0][1].replace(IMAGE_TOKEN, "").strip())
     return turns
 
 
@@ -276,65 +277,27 @@ def render_query(
     )
 
 
-@lru_cache(maxsize=16)
-def _read_template_file(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8")
-
-
-def load_template(template: Optional[str] = None, fact_augmented: bool = True) -> str:
-    """The RM prompt suffix template. ``template``: None/"" -> the packaged default
-    (templates/fact_rm.txt or vanilla_rm.txt); a path to an existing file -> its text; otherwise
-    the template text itself. A fact template must contain ``{captions}`` (one caption per line)."""
-    if not template:
-        text = _read_template_file(
-            str(TEMPLATE_DIR / ("fact_rm.txt" if fact_augmented else "vanilla_rm.txt"))
-        )
-    elif "\n" not in template and len(template) < 4096 and os.path.isfile(template):
-        text = _read_template_file(template)
-    else:
-        text = template
-    text = text.strip()
-    if fact_augmented and CAPTIONS_PLACEHOLDER not in text:
-        raise ValueError(
-            f"fact-augmented RM template needs a {CAPTIONS_PLACEHOLDER} placeholder: {text[:80]!r}"
-        )
-    return text
-
-
-def rm_suffix(captions: list[str], fact_augmented: bool, template: Optional[str] = None) -> str:
-    """The text appended after the response, ending at '... the quality score of my last response is'."""
-    text = load_template(template, fact_augmented)
-    if fact_augmented:
-        text = text.replace(CAPTIONS_PLACEHOLDER, "\n".join(c.strip() for c in captions))
-    return text
-
-
-def build_rm_input(
-    tokenizer,
-    query_ids: list[int],
-    response_ids: list[int],
-    captions: list[str],
-    fact_augmented: bool,
-    template: Optional[str] = None,
-) -> list[int]:
-    """RM input for PPO: query + response (trailing eos/pad removed; leading pad of a left-padded
-    query removed) + the (fact) prompt suffix - the same layout ``load_preferences`` trains on."""
-    specials = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-    q = list(query_ids)
-    while q and q[0] == tokenizer.pad_token_id and tokenizer.pad_token_id is not None:
+def build_rm_input(tokenizer, query_ids: list[int], response_ids: list[int], prompt: str) -> list[int]:
+    """RM input for PPO: query (its left padding removed) + response (its padding removed; its EOS
+    kept when it stopped, as the original's) + the rendered RM ``prompt`` (rm_prompt.render) — the
+    layout ``load_preferences`` trains on, where every response ends with EOS."""
+    pad_id = tokenizer.pad_token_id
+    q, r = list(query_ids), list(response_ids)
+    while q and pad_id is not None and q[0] == pad_id:
         q.pop(0)
-    r = list(response_ids)
-    while r and r[-1] in specials:
+    while r and pad_id is not None and r[-1] == pad_id and pad_id != tokenizer.eos_token_id:
         r.pop()
-    return q + r + encode_segment(tokenizer, rm_suffix(captions, fact_augmented, template), 0)
+    return q + r + encode_segment(tokenizer, prompt, 0)
 
 
-def _facts_for(image: Optional[str], captions: Optional[dict], f, i) -> list[str]:
+def _facts_for(image: Optional[str], captions: Optional[dict], f, i, caption_type: Optional[int] = None) -> list[str]:
+    """The captions the fact RM reads for this record (rm_prompt.fact_key); [] without image or captions."""
     if image is None or captions is None:
         return []
-    if image not in captions:
-        raise DataError(f, i, "image", f"no captions for {image!r} in the captions file")
-    return list(captions[image]) + list(captions.get("aok_" + image, []))
+    key = rm_prompt.fact_key(image, caption_type)
+    if key not in captions:
+        raise DataError(f, i, "image", f"no captions entry {key!r} in the captions file for image {image!r}")
+    return list(captions[key])
 
 
 # ---- loaders ----------------------------------------------------------------------------------
@@ -406,6 +369,17 @@ def _output(rec, key, f, i) -> str:
     return o["value"]
 
 
+_FLAGS = {True: True, False: False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def _hallucination_flag(h, f, i) -> Optional[bool]:
+    """The optional ``hallucination`` field: bool, 0/1, or true/false/yes/no in any case."""
+    key = h.strip().lower() if isinstance(h, str) else h
+    if h is not None and (not isinstance(key, (bool, int, str)) or key not in _FLAGS):
+        raise DataError(f, i, "hallucination", f"expected true/false (or 0/1, yes/no), got {h!r}")
+    return None if h is None else _FLAGS[key]
+
+
 def load_preferences(
     path,
     tokenizer,
@@ -417,12 +391,16 @@ def load_preferences(
     skip_bad: bool = False,
     image_folder: Optional[str] = None,
     system: str = SYSTEM_PROMPT,
+    seed: int = 0,
 ) -> Examples:
-    """Preference pairs -> [PreferenceExample]; chosen/rejected ids are complete RM inputs
-    (conversation + output + prompt suffix with the image's captions when ``fact_augmented``)."""
+    """Preference pairs -> [PreferenceExample]; chosen/rejected ids are complete RM inputs:
+    conversation + output + EOS + the RM prompt (rm_prompt), with the image's captions shuffled by
+    a ``seed``ed RNG for each output when ``fact_augmented`` (data_utils_rm.py:85-90 shuffles per
+    output too). ``captions`` (load_captions) is needed only when ``fact_augmented``."""
     if fact_augmented and captions is None:
         raise ValueError("fact_augmented=True needs the captions dict (load_captions)")
-    load_template(template, fact_augmented)  # fail early on a bad template
+    tmpl = rm_prompt.load_template(template, fact_augmented)  # fail early on a bad template
+    rng = random.Random(seed)
 
     def one(rec, i):
         img = _record_image(rec, path, i, image_folder)
@@ -435,14 +413,11 @@ def load_preferences(
         pref = _require(rec, "preference", int, path, i, "1 or 2")
         if pref not in (1, 2):
             raise DataError(path, i, "preference", f"expected 1 or 2, got {pref!r}")
-        h = rec.get("hallucination")
-        if h is not None and not isinstance(h, bool) and h not in (0, 1):
-            raise DataError(path, i, "hallucination", f"expected true/false, got {h!r}")
+        h = _hallucination_flag(rec.get("hallucination"), path, i)
         facts = _facts_for(img, captions, path, i) if fact_augmented else []
         prefix, _ = render_conversation(tokenizer, turns, num_image_tokens, system)
-        suffix = encode_segment(tokenizer, rm_suffix(facts, fact_augmented, template), 0)
-        ids1 = prefix + encode_segment(tokenizer, out1, 0) + suffix
-        ids2 = prefix + encode_segment(tokenizer, out2, 0) + suffix
+        ids1, ids2 = (prefix + encode_segment(tokenizer, out, 0) + [tokenizer.eos_token_id]
+                      + encode_segment(tokenizer, rm_prompt.render(tmpl, facts, rng), 0) for out in (out1, out2))
         if max(len(ids1), len(ids2)) > max_len:
             return None
         chosen, rejected = (ids1, ids2) if pref == 1 else (ids2, ids1)
@@ -450,7 +425,7 @@ def load_preferences(
             chosen_ids=chosen,
             rejected_ids=rejected,
             image=img,
-            hallucination=None if h is None else bool(h),
+            hallucination=h,
             id=_record_id(rec, path, i),
         )
 
@@ -491,13 +466,14 @@ def load_ppo_prompts(
     def one(rec, i):
         img = _record_image(rec, path, i, image_folder)
         turns = _conversations(rec, path, i, img is not None)
-        ct = _require(rec, "caption_type", int, path, i, "an integer 1..7")
+        # absent: 1 (general) and 1.0, as RLHF/data_utils/data_utils_ppo.py:123-131
+        ct = _require(rec, "caption_type", int, path, i, "an integer 1..7") if "caption_type" in rec else 1
         if ct not in CAPTION_TYPES:
             raise DataError(path, i, "caption_type", f"expected 1..7, got {ct!r}")
-        lb = _require(rec, "length_bonus", (int, float), path, i, "a number")
+        lb = _require(rec, "length_bonus", (int, float), path, i, "a number") if "length_bonus" in rec else 1.0
         if not math.isfinite(lb):
             raise DataError(path, i, "length_bonus", f"expected a finite number, got {lb!r}")
-        facts = _facts_for(img, captions, path, i)
+        facts = _facts_for(img, captions, path, i, ct)
         q = render_query(tokenizer, turns[0][1], num_image_tokens, img is not None, system)
         if len(q) - (num_image_tokens if img is not None else 0) > max_prompt_len:
             return None
@@ -703,7 +679,7 @@ def text_corpus(data_root) -> Iterator[str]:
     yield SYSTEM_PROMPT
     yield "USER: ASSISTANT:"
     for fact in (True, False):
-        yield load_template(None, fact).replace(CAPTIONS_PLACEHOLDER, "")
+        yield rm_prompt.load_template("factrl", fact).replace("{captions}", "")
     for p in sorted(Path(data_root).rglob("*.json")):
         try:
             yield from _strings(_read_json(p))
@@ -736,7 +712,5 @@ __all__ = [
     "render_query",
     "render_conversation",
     "encode_segment",
-    "rm_suffix",
-    "load_template",
     "text_corpus",
 ]

@@ -17,6 +17,7 @@ from the RM stage). One PPO step reads top-down:
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -24,6 +25,7 @@ import torch
 
 from factrl.kernels.gae import gae, masked_mean, masked_whiten
 from factrl.kernels.logprobs import token_logprobs
+from factrl.trainers import rm_prompt
 from factrl.trainers.config import Config
 from factrl.trainers.data import (
     build_rm_input,
@@ -172,6 +174,7 @@ def forward_roles(model, b: Rollout, roles: list, grouped: bool):
 def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device) -> torch.Tensor:
     """Fill old/ref log-probs and values; return RM scores ``[B]`` (``prompts`` row for row)."""
     p = cfg.ppo
+    template = rm_prompt.load_template(cfg.data.fact_template, p.fact_augmented)
     model.eval()
     lp, ref, val, scores = [], [], [], []
     B = ro.input_ids.shape[0]
@@ -184,8 +187,9 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device) -> torch.
         ref.append(response_logprobs(model, h_ref, b, p.temperature))
         val.append(response_values(model, h_val, b))
         # the reward role reads the RM prompt built from the same response
+        # captions shuffled at each use (ppo_trainer.py:356-361) by the global RNG, which checkpoints keep
         rm_ids = [build_rm_input(tok, prompts[j].query_ids, ro.response[j, :int(ro.lengths[j])].tolist(),
-                                 prompts[j].captions, p.fact_augmented, cfg.data.fact_template or None) for j in idx]
+                                 rm_prompt.render(template, prompts[j].captions, random)) for j in idx]
         ids, mask = pad(rm_ids, tok.pad_token_id).to(device), pad_mask(rm_ids).to(device)
         with model.adapter(REWARD), autocast(device, cfg.model.dtype):
             h = model(ids, mask, image_features=b.image_features)
@@ -256,7 +260,8 @@ def train_ppo(cfg: Config) -> dict:
     params = build_roles(model, cfg, p.reward_adapter or str(layout.reward_adapter))
 
     # Prompts (too-long ones dropped and counted)
-    captions = load_captions(a.data_root / cfg.data.captions_file)
+    # captions only for a fact-augmented RM (a vanilla one needs no captions file)
+    captions = load_captions(a.data_root / cfg.data.captions_file) if p.fact_augmented else None
     prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, tok, a.num_image_tokens,
                                cfg.data.max_prompt_len, captions, skip_bad=cfg.data.skip_bad_records,
                                image_folder=str(a.data_root / cfg.data.image_folder))

@@ -46,11 +46,26 @@ def pair_rewards(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return r[:B], r[B:]
 
 
-def load_pairs(cfg: Config, a, file: str, fact_augmented: bool):
-    captions = load_captions(a.data_root / cfg.data.captions_file)
-    return load_preferences(a.data_root / file, a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, captions,
-                            fact_augmented, template=cfg.data.fact_template or None,
-                            skip_bad=cfg.data.skip_bad_records, image_folder=str(a.data_root / cfg.data.image_folder))
+def load_pairs(cfg: Config, a, fact_augmented: bool) -> tuple[list, list]:
+    """(train, held-out) pairs as RM inputs. Held-out: ``data.preference_eval_file`` when it exists,
+    else ``rm.eval_size`` pairs carved from the preference file by a permutation seeded with
+    run.seed, as RLHF/data_utils/data_utils_rm.py:255-271 (random_split, the run's seed)."""
+    root = a.data_root
+    captions = load_captions(root / cfg.data.captions_file) if fact_augmented else None
+    load = lambda f: load_preferences(  # noqa: E731
+        root / f, a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, captions, fact_augmented,
+        template=cfg.data.fact_template, skip_bad=cfg.data.skip_bad_records,
+        image_folder=str(root / cfg.data.image_folder), seed=cfg.run.seed)
+    pairs = load(cfg.data.preference_file)
+    if cfg.data.preference_eval_file and (root / cfg.data.preference_eval_file).is_file():
+        return pairs, load(cfg.data.preference_eval_file)
+    n = cfg.rm.eval_size
+    if not 0 < n < len(pairs):
+        raise ValueError(f"{root / cfg.data.preference_file}: {len(pairs)} pairs, cannot hold out rm.eval_size={n} "
+                         f"(and no {cfg.data.preference_eval_file or 'data.preference_eval_file'} in {root})")
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(cfg.run.seed)).tolist()
+    print(f"[factrl] rm: held out {n} of {len(pairs)} pairs of {cfg.data.preference_file} (seed {cfg.run.seed})")
+    return [pairs[i] for i in perm[:-n]], [pairs[i] for i in perm[-n:]]
 
 
 @torch.no_grad()
@@ -90,8 +105,7 @@ def train_rm(cfg: Config) -> dict:
 
     # 3. preference pairs, rendered as RM prompts (fact-augmented or vanilla)
     fact = cfg.rm.fact_augmented
-    train = load_pairs(cfg, a, cfg.data.preference_file, fact)
-    held = load_pairs(cfg, a, cfg.data.preference_eval_file, fact)
+    train, held = load_pairs(cfg, a, fact)
     print(f"[factrl] rm ({'fact-augmented' if fact else 'vanilla'}): {len(train)} train pairs, {len(held)} held-out")
 
     # 4. Bradley–Terry loss over the global batch of pairs
