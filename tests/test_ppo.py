@@ -1,6 +1,7 @@
 """PPO: hand-worked maths, roles on one base, and a short run whose reward must rise."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -168,11 +169,13 @@ MICRO = [*MICRO_MODEL, "model.tiny.hidden_size=48", "model.tiny.num_layers=2", "
          "sft.schedule=cosine",  # as calibrated (with the preset's wsd the PPO gain below halves)
          "rm.batch_size=16", "rm.max_steps=80", "rm.lr=3e-3", "rm.save_every=1000", "rm.eval_every=0",
          # 80 RM steps: train loss ~0.47; at 30 it stayed near ln 2 and PPO had almost nothing to climb
-         # the RM score alone is the reward (the other shaping terms are tested by hand above), and
-         # every step rolls out the same 96 prompts, so only the responses move the mean reward
+         # the RM score and the no-EOS penalty are the reward (the other shaping terms are tested by hand
+         # above): the RM reads a response's EOS, so without the penalty a policy that stops less often
+         # reaches RM inputs it never saw in training; every step rolls out the same 96 prompts, so only
+         # the responses move the mean reward
          "ppo.rollout_batch_size=96", "ppo.rollout_chunk_size=48", "ppo.step_batch_size=48", "ppo.batch_size=48",
          "ppo.max_response_len=12", "ppo.total_steps=6", "ppo.lr=1e-2", "ppo.warmup_steps=0", "ppo.schedule=constant",
-         "ppo.save_every=3", "ppo.no_eos_penalty=0", "ppo.length_penalty=0", "ppo.correct_bonus=0",
+         "ppo.save_every=3", "ppo.no_eos_penalty=-8", "ppo.length_penalty=0", "ppo.correct_bonus=0",
          "ppo.reward_scale=1", "ppo.truncate_at_question=false"]  # as calibrated before the recipe's ×10 and "?" cut
 
 
@@ -263,8 +266,9 @@ def test_roles_share_one_base_reference_is_sft_and_grads_reach_only_trainables(s
 
 
 def _paired_rm_eval(root, cfg, adapter_dirs, k=4, seed=123):
-    """Mean RM reward of each policy on the same prompts, k samples each, drawn with one shared
-    generator seed (common random numbers pair the policies' samples). Returns {name: [n_prompts]}."""
+    """Mean reward (RM score + no-EOS penalty) of each policy on the same prompts, k samples each, drawn
+    with one shared generator seed (common random numbers pair the policies' samples). Returns
+    {name: [n_prompts]}."""
     from factrl.model.io import load_adapter
     from factrl.trainers import ppo as P
     from factrl.trainers.data import load_captions, load_ppo_prompts
@@ -280,8 +284,10 @@ def _paired_rm_eval(root, cfg, adapter_dirs, k=4, seed=123):
     for name, d in adapter_dirs.items():
         if d is not None:
             load_adapter(a.model, d, "policy", trainable=False)
+        random.seed(seed)  # the RM prompt's caption shuffle, paired too
         ro = P.rollout(a.model, a.tokenizer, list(prompts) * k, a.images, cfg, dev, torch.Generator().manual_seed(seed))
-        out[name] = P.score(a.model, a.tokenizer, ro, list(prompts) * k, cfg, dev).view(k, -1).mean(0)
+        rm = P.score(a.model, a.tokenizer, ro, list(prompts) * k, cfg, dev)
+        out[name] = (rm + cfg.ppo.no_eos_penalty * (~ro.stopped).float()).view(k, -1).mean(0)
     return out
 
 
