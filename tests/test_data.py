@@ -611,6 +611,8 @@ def test_image_placeholder_moves_to_the_front_as_llava(tok, root):
     img = tok.convert_tokens_to_ids("<image>")
     c = D.load_sft(_write(root, "mid.json", mid), tok, NIT, 1000)[0]
     assert c.input_ids.index(img) == a[0].input_ids.index(img)  # in front, whatever the text around it
+    q = [D.render_query(tok, t, NIT, True) for t in ("<image>\nWhat color?", "What color?\n<image>", "What color?")]
+    assert q[0] == q[1] == q[2]
 
 
 def test_ppo_prompt_defaults_as_the_original(tok, root):
@@ -628,9 +630,13 @@ def test_captions_only_for_a_fact_augmented_rm(tok, root):
     caps = D.load_captions(root / "caps.json")
     with pytest.raises(D.DataError, match="img9.png") as ei:
         D.load_preferences(path, tok, NIT, 1000, caps, fact_augmented=True)
-    assert ei.value.index == 0 and "captions" in str(ei.value)
+    assert ei.value.index == 0 and str(root / "caps.json") in str(ei.value)
     skipped = D.load_preferences(path, tok, NIT, 1000, caps, fact_augmented=True, skip_bad=True)
     assert skipped.stats.n_skipped == 1 and len(skipped) == len(recs) - 1
+    ppo = _write(root, "ppo_nocap.json", [dict(PPO[0], image="img9.png")])
+    with pytest.raises(D.DataError, match=f"img9.png.*{root / 'caps.json'}"):
+        D.load_ppo_prompts(ppo, tok, NIT, 1000, caps)
+    assert len(D.load_ppo_prompts(ppo, tok, NIT, 1000, None)) == 1  # vanilla RM: no captions needed
 
 
 @pytest.mark.parametrize("flag, want", [(True, True), (0, False), (1, True), ("true", True), ("No", False),

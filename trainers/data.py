@@ -85,6 +85,12 @@ class Examples(list):
     stats: LoadStats
 
 
+class Captions(dict):
+    """load_captions' {key: [caption, ...]}, with the ``file`` it came from (named in errors)."""
+
+    file: str = "the captions file"
+
+
 @dataclass
 class SFTExample:
     input_ids: list[int]
@@ -165,7 +171,7 @@ def _record_image(rec: dict, f, i, image_folder) -> Optional[str]:
 def _conversations(rec: dict, f, i, has_image: bool) -> list[tuple[str, str]]:
     """Validated [(from, value)], alternating human/gpt from a human turn; the image placeholder
     only in the first human turn, moved to its front (added there when the record has an image but
-    no placeholder), as LLaVA's preprocess_multimodal (RLHF/data_utils/data_utils_sft.py)."""
+    no placeholder), as LLaVA's preprocess_multimodal (RLHF/data_utils/common_utils.py:214-221)."""
     conv = _require(rec, "conversations", list, f, i, "a list of turns")
     if not conv:
         raise DataError(f, i, "conversations", "empty")
@@ -268,10 +274,10 @@ def render_query(
     tokenizer, human_text: str, num_image_tokens: int, has_image: bool, system: str = SYSTEM_PROMPT
 ) -> list[int]:
     """[bos] + enc(system USER: human ASSISTANT:) - the generation prompt for one question."""
-    if has_image and IMAGE_TOKEN not in human_text:
-        human_text = f"{IMAGE_TOKEN}\n{human_text}"
     if not has_image and IMAGE_TOKEN in human_text:
         raise ValueError(f"human text has {IMAGE_TOKEN} but has_image=False")
+    if has_image:  # "<image>\n" in front wherever it was, as RLHF/data_utils/common_utils.py:214-221
+        human_text = f"{IMAGE_TOKEN}\n" + human_text.replace(IMAGE_TOKEN, "").strip()
     return _bos(tokenizer) + encode_segment(
         tokenizer, _human_segment(human_text, True, system), num_image_tokens
     )
@@ -296,7 +302,8 @@ def _facts_for(image: Optional[str], captions: Optional[dict], f, i, caption_typ
         return []
     key = rm_prompt.fact_key(image, caption_type)
     if key not in captions:
-        raise DataError(f, i, "image", f"no captions entry {key!r} in the captions file for image {image!r}")
+        raise DataError(f, i, "image", f"no captions entry {key!r} for image {image!r} in "
+                        + getattr(captions, "file", "the captions file"))
     return list(captions[key])
 
 
@@ -432,13 +439,14 @@ def load_preferences(
     return _load(path, skip_bad, one)
 
 
-def load_captions(path) -> dict[str, list[str]]:
+def load_captions(path) -> Captions:
     """image_to_caption.json -> {image file (or "aok_" + file): [caption, ...]} (a lone string is
-    taken as one caption)."""
+    taken as one caption) as a ``Captions`` dict whose ``.file`` is ``path``."""
     data = _read_json(path)
     if not isinstance(data, dict):
         raise DataError(path, msg=f"expected a JSON object {{image: [captions]}}, got {type(data).__name__}")
-    out: dict[str, list[str]] = {}
+    out = Captions()
+    out.file = str(path)
     for k, v in data.items():
         if isinstance(v, str):
             v = [v]
