@@ -3,14 +3,14 @@
 Formats (JSON files, a list of records unless noted):
 
 * SFT          ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value"}, ...]}``;
-               ``<image>`` in the first human turn; multi-turn and text-only records allowed.
+               ``<image>`` in the first human turn (moved to its front); multi-turn and text-only allowed.
 * Preference   the SFT record + ``"output_1": {"value"}``, ``"output_2": {"value"}``,
-               ``"preference": 1|2`` (the better output), optional ``"hallucination": bool``;
+               ``"preference": 1|2`` (the better output), optional ``"hallucination"`` (bool, 0/1, true/false/yes/no);
                the last gpt turn is replaced by each output.
 * Captions     ``image_to_caption.json``: ``{image_file: [caption, ...], "aok_" + image_file: [...]}``
-               (the ``aok_`` entry is the multiple-choice ground truth).
-* PPO prompts  ``{"image"?, "conversations": [first human turn, ...], "caption_type": 1..7,
-               "length_bonus": float}``; caption_type 1 general, 2-5 answer A-D, 6 "No", 7 "Yes".
+               (the ``aok_`` entry is the multiple-choice ground truth); read only by a fact RM.
+* PPO prompts  ``{"image"?, "conversations": [first human turn, ...], "caption_type"?: 1..7,
+               "length_bonus"?: float}`` (absent: 1, 1.0); caption_type 1 general, 2-5 answer A-D, 6 "No", 7 "Yes".
 
 Rendering (vicuna_v1) encodes text SEGMENTS separately and concatenates ids, as LLaVA does per
 round with Llama's tokenizer (each ``add_special_tokens=False`` encode prepends one "▁")::
