@@ -48,7 +48,7 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
 
     if ROLE not in model.adapter_state.names:
         return {}
-    _, held = load_pairs(cfg, a, cfg.rm.fact_augmented)
+    _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
     return rm_accuracy(score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device))
 
 

@@ -46,7 +46,7 @@ def pair_rewards(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return r[:B], r[B:]
 
 
-def load_pairs(cfg: Config, a, fact_augmented: bool) -> tuple[list, list]:
+def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False) -> tuple[list, list]:
     """(train, held-out) pairs as RM inputs. Held-out: ``data.preference_eval_file`` when it exists,
     else ``rm.eval_size`` pairs carved from the preference file by a permutation seeded with
     run.seed, as RLHF/data_utils/data_utils_rm.py:255-271 (random_split, the run's seed)."""
@@ -56,9 +56,9 @@ def load_pairs(cfg: Config, a, fact_augmented: bool) -> tuple[list, list]:
         root / f, a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, captions, fact_augmented,
         template=cfg.data.fact_template, skip_bad=cfg.data.skip_bad_records,
         image_folder=str(root / cfg.data.image_folder), seed=cfg.run.seed)
-    pairs = load(cfg.data.preference_file)
     if cfg.data.preference_eval_file and (root / cfg.data.preference_eval_file).is_file():
-        return pairs, load(cfg.data.preference_eval_file)
+        return ([] if held_only else load(cfg.data.preference_file)), load(cfg.data.preference_eval_file)
+    pairs = load(cfg.data.preference_file)
     n = cfg.rm.eval_size
     if not 0 < n < len(pairs):
         raise ValueError(f"{root / cfg.data.preference_file}: {len(pairs)} pairs, cannot hold out rm.eval_size={n} "
