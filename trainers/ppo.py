@@ -98,8 +98,13 @@ class Rollout:
         has = rows >= 0
         feats = self.image_features[rows[has]] if self.image_features is not None and bool(has.any()) else None
         new = {k: getattr(self, k)[t] for k in _TENSORS if getattr(self, k) is not None}
-        new["image_rows"] = torch.where(has, torch.cumsum(has.long(), 0) - 1, -1)
+        new["image_rows"] = image_rows(has)
         return replace(self, image_features=feats, **new)
+
+
+def image_rows(has_image: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each row's index into the batch's image features (rows with an image, in order), −1 without."""
+    return torch.where(has_image, torch.cumsum(has_image.long(), 0) - 1, -1)
 
 
 # ---- 1. rollout -----------------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def rollout(model, tok, prompts: list, images, cfg: Config, device, generator, c
     feats = [f for _, f, _ in parts if f is not None]
     return Rollout(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1), response,
                    response_mask, torch.cat(feats) if feats else None,
-                   torch.where(has, torch.cumsum(has.long(), 0) - 1, -1), lengths,
+                   image_rows(has), lengths,
                    torch.cat([g.stopped for *_, g in parts]), cat("caption_type"), cat("length_bonus"))
 
 
