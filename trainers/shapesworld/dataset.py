@@ -130,6 +130,8 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                 spec = choice[s.image] if r.random() < 0.1 else make_spec(cat, s, r)
                 if not qtype(spec).yesno and spec["type"] != "choice" and r.random() < 0.1:
                     spec = make_exists_spec(s, r, present=r.random() < 0.5)
+                # the MMHal-style category, or the POPE-style existence / multiple-choice question
+                qcat = {"choice": "choice", "exists": "existence"}.get(spec["type"], cat)
                 good = answer(spec, s)
                 halluc = r.random() < 0.75 or qtype(spec).yesno or spec["type"] == "choice"
                 if halluc:
@@ -150,6 +152,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                         "output_2": {"value": o2},
                         "preference": pref,
                         "hallucination": bool(halluc),
+                        "question_type": qcat,  # extra field (loaders ignore it): per-type RM accuracy
                     }
                 )
 
