@@ -194,6 +194,11 @@ class PPOConfig(OptimConfig):
     epochs: float = 1.0  # passes over the prompts when total_steps is 0
     total_steps: int = 0  # PPO steps (rollout + update); 0 = prompts x epochs / rollout_batch_size
     sample_every: int = 5  # log a table of sample responses every N steps
+    # Score the policy on held-out sets every N PPO steps, at the last step and once before the
+    # first (the SFT policy), 0 = off. Only when the caller passes an eval hook (train_ppo's
+    # eval_fn: the trainer knows no eval sets); keys are logged as eval/<name>.
+    eval_every: int = 0
+    eval_items: int = 60  # items per held-out set the eval hook scores (greedy; fewer = faster)
     lr: float = 3e-5  # the schedule steps once per PPO step, as the recipe's (warmup too)
     warmup_steps: int = 5  # in PPO steps
     schedule: str = "cosine"
