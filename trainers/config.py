@@ -213,6 +213,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """``factrl experiment``: one SFT, then a vanilla and a fact-augmented RM + PPO per seed."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # run.seed of each RM + PPO pair
+    # Everything the experiment writes (it replaces run.out_dir): sft/, seed<s>/<arm>/, results
+    out_dir: str = "runs/experiment"
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/tiny"  # every stage writes under it (trainers.run.RunLayout)
     seed: int = 0  # data order, sampling and initialization
@@ -230,6 +239,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
 
 # ---- (de)serialization ------------------------------------------------------------------------
