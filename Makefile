@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: install test train train-sft train-rm train-ppo eval bench lint clean
+.PHONY: install test train train-sft train-rm train-ppo eval experiment bench lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -37,6 +37,10 @@ train-ppo: install
 
 eval: install
 	$(BIN)/factrl eval $(ARGS)
+
+# SFT once, then a vanilla and a fact-augmented RM + PPO per seed (experiment.seeds), evaluated
+experiment: install
+	$(BIN)/factrl experiment $(ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py $(ARGS)

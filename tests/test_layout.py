@@ -8,9 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"factrl.kernels": ROOT / "kernels", "factrl.model": ROOT / "model", "factrl.trainers": ROOT / "trainers"}
 WORLD = "factrl.trainers.shapesworld"
 # They choose the embedded default: building its data and tiny base, the pipeline, the eval stage's
-# ShapesWorld sets, and the CLI's `factrl data shapes`.
+# ShapesWorld sets, the experiment (the pipeline's stages over arms and seeds), and the CLI's
+# `factrl data shapes`.
 CHOOSERS = {"factrl.trainers.embedded", "factrl.trainers.pipeline", "factrl.trainers.eval_stage",
-            "factrl.trainers.cli"}
+            "factrl.trainers.experiment", "factrl.trainers.cli"}
 
 
 def _modules() -> dict[str, Path]:

@@ -222,3 +222,18 @@ def test_blind_answers_is_the_majority_answer_per_question():
              ("Is there a red circle in the image?", "What color is the background?", "Is there a blue star?")]
     # the <image> token's place does not matter; unseen questions get no answer
     assert blind(items) == ["Yes.", "The background is gray.", ""]
+
+
+def test_run_eval_on_chosen_sets_and_the_mmhal_answer_length(data_root):
+    asked = []
+
+    def fn(items):
+        asked.extend(items)
+        return ["No, two three." for _ in items]
+
+    res = R.run_eval(fn, data_root, max_items=6, progress=False, sets=("mmhal", "pope_adversarial"))
+    assert set(res["pope"]) == {"adversarial"} and "chair" not in res and res["mmhal"]["n"] == 6
+    assert len(asked) == 12  # the other sets' questions are never generated
+    assert res["mmhal"]["response_words"] == 3.0
+    with pytest.raises(ValueError, match="unknown eval sets"):
+        R.run_eval(fn, data_root, sets=("mmhal", "pope_typo"), progress=False)

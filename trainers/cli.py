@@ -5,6 +5,7 @@
     factrl ppo      ...
     factrl eval     ...
     factrl pipeline ...           # data → SFT → RM → PPO → eval (what `make train` runs)
+    factrl experiment ...         # SFT once, then vanilla vs fact RM + PPO per seed (`make experiment`)
     factrl plan     --config llava-v1.5-13b [--gpu-gib 80] [key=value ...]
     factrl data shapes --out DIR --n N --seed S [--image-size 48]
 """
@@ -23,6 +24,7 @@ STAGES = {
     "ppo": ("factrl.trainers.ppo", "train_ppo"),
     "eval": ("factrl.trainers.eval_stage", "evaluate_stages"),
     "pipeline": ("factrl.trainers.pipeline", "run_pipeline"),
+    "experiment": ("factrl.trainers.experiment", "run_experiment"),
 }
 
 
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
 
         from factrl.trainers.embedded import prepare
 
-        prepare(cfg)  # the embedded default (no model.checkpoint): ShapesWorld + the tiny base, on first use
+        if args.cmd != "experiment":  # the experiment prepares its own, under experiment.out_dir
+            prepare(cfg)  # the embedded default (no model.checkpoint): ShapesWorld + the tiny base, on first use
         mod, fn = STAGES[args.cmd]
         result = getattr(importlib.import_module(mod), fn)(cfg)
         print(json.dumps(result, default=str))

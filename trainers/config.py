@@ -194,6 +194,11 @@ class PPOConfig(OptimConfig):
     epochs: float = 1.0  # passes over the prompts when total_steps is 0
     total_steps: int = 0  # PPO steps (rollout + update); 0 = prompts x epochs / rollout_batch_size
     sample_every: int = 5  # log a table of sample responses every N steps
+    # Score the policy on held-out sets every N PPO steps, at the last step and once before the
+    # first (the SFT policy), 0 = off. Only when the caller passes an eval hook (train_ppo's
+    # eval_fn: the trainer knows no eval sets); keys are logged as eval/<name>.
+    eval_every: int = 0
+    eval_items: int = 60  # items per held-out set the eval hook scores (greedy; fewer = faster)
     lr: float = 3e-5  # the schedule steps once per PPO step, as the recipe's (warmup too)
     warmup_steps: int = 5  # in PPO steps
     schedule: str = "cosine"
@@ -205,6 +210,15 @@ class EvalConfig:
     max_new_tokens: int = 48  # greedy answer length
     batch_size: int = 16  # questions generated at once (and RM pairs scored at once)
     max_items: int = 0  # cap on each held-out set (0 = all)
+
+
+@dataclass
+class ExperimentConfig:
+    """``factrl experiment``: one SFT, then a vanilla and a fact-augmented RM + PPO per seed."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # run.seed of each RM + PPO pair
+    # Everything the experiment writes (it replaces run.out_dir): sft/, seed<s>/<arm>/, results
+    out_dir: str = "runs/experiment"
 
 
 @dataclass
@@ -225,6 +239,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
 
 # ---- (de)serialization ------------------------------------------------------------------------

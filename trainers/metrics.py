@@ -127,6 +127,16 @@ def rm_accuracy(triples: Iterable) -> dict:
     }
 
 
+def rm_accuracy_by(triples: Iterable, groups: Iterable[Optional[Hashable]]) -> dict:
+    """``rm_accuracy`` per group: ``groups`` gives each triple's group (e.g. its question type), row
+    for row; None = in no group. Groups without pairs do not appear."""
+    by: dict = {}
+    for t, g in zip(triples, groups, strict=True):
+        if g is not None:
+            by.setdefault(g, []).append(t)
+    return {g: rm_accuracy(ts) for g, ts in sorted(by.items())}
+
+
 _ROWS = [
     ("hallucination rate (MMHal) ↓", ("hallucination_rate",)),
     ("MMHal score ↑", ("mmhal", "score")),

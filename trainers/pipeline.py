@@ -14,8 +14,18 @@ from factrl.trainers.embedded import prepare
 from factrl.trainers.run import RunLayout
 
 
+def run_stage(cfg: Config, name: str, fn, label: str = "") -> None:
+    """``fn(cfg)`` unless stage ``name`` of ``run.out_dir`` is done (its marker exists)."""
+    done = RunLayout(Path(cfg.run.out_dir)).done(name)
+    if done.is_file():
+        print(f"[factrl] {label}{name}: {done.parent} exists, skipping (delete it to retrain)")
+    else:
+        print(f"[factrl] === {label}{name} ===")
+        fn(cfg)
+
+
 def run_pipeline(cfg: Config) -> dict:
-    from factrl.trainers.eval_stage import evaluate_stages
+    from factrl.trainers.eval_stage import evaluate_stages, ppo_eval_fn
     from factrl.trainers.ppo import train_ppo
     from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
@@ -23,14 +33,10 @@ def run_pipeline(cfg: Config) -> dict:
     t0 = time.time()
     times = {}
     prepare(cfg)
-    layout = RunLayout(Path(cfg.run.out_dir))
-    for name, fn in (("sft", train_sft), ("rm", train_rm), ("ppo", train_ppo)):
+    ppo = lambda c: train_ppo(c, eval_fn=ppo_eval_fn(c))  # noqa: E731  held-out eval every ppo.eval_every steps
+    for name, fn in (("sft", train_sft), ("rm", train_rm), ("ppo", ppo)):
         t = time.time()
-        if layout.done(name).is_file():
-            print(f"[factrl] {name}: {layout.done(name).parent} exists, skipping (delete it to retrain)")
-        else:
-            print(f"[factrl] === {name} ===")
-            fn(cfg)
+        run_stage(cfg, name, fn)
         times[name] = round(time.time() - t, 1)
     t = time.time()
     print("[factrl] === eval ===")

@@ -12,6 +12,7 @@ from the RM stage). One PPO step reads top-down:
   4. GAE       — advantages and returns (kernel), advantages whitened over valid tokens
   5. PPO epochs — clipped policy + value losses on shuffled minibatches, accumulation, clipping
   6. log       — rewards and each shaping term, KL, entropy, clip fractions, timing, samples
+  7. eval      — every ``ppo.eval_every`` steps, the caller's held-out eval hook (``eval_fn``)
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from factrl.kernels.gae import gae, masked_mean, masked_whiten
@@ -241,6 +243,28 @@ def ppo_update(model, ro: Rollout, stage: Stage, cfg: Config, generator) -> dict
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
+# ---- 7. held-out eval ------------------------------------------------------------------------------------
+EvalFn = Callable[[torch.nn.Module, int], dict]  # (model, step) -> {name: float}
+
+
+def held_out_eval(model, eval_fn: EvalFn, step: int, device) -> dict:
+    """``eval_fn(model, step)`` in eval mode, without gradients, with the policy adapter active;
+    its keys prefixed ``eval/``. Every global RNG the PPO step reads (Python's for the caption
+    shuffle, numpy, torch) is restored afterwards, so an eval never changes the run it watches."""
+    was = model.training
+    py, npy = random.getstate(), np.random.get_state()
+    devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), model.adapter(POLICY):
+            out = eval_fn(model, step)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        model.train(was)
+    return {f"eval/{k}": float(v) for k, v in out.items()}
+
+
 # ---- the loop -------------------------------------------------------------------------------------------
 def build_roles(model, cfg: Config, reward_dir) -> list:
     """policy (fresh, B=0), value (from reward) + zero value head, reward (frozen); returns trainables."""
@@ -254,7 +278,9 @@ def build_roles(model, cfg: Config, reward_dir) -> list:
             + trainable_adapter(model, VALUE, copy_from=REWARD, head=True))
 
 
-def train_ppo(cfg: Config) -> dict:
+def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
+    """PPO from the SFT base and the RM's reward adapter. ``eval_fn(model, step) -> {name: float}``
+    (optional, see ``held_out_eval``) scores the policy every ``ppo.eval_every`` steps."""
     p = cfg.ppo
     stage = Stage(cfg, "ppo")
     device, layout, out = stage.device, stage.layout, stage.out
@@ -288,6 +314,13 @@ def train_ppo(cfg: Config) -> dict:
 
     log = stage.log
     last: dict = {}
+    evals = eval_fn is not None and p.eval_every > 0 and stage.rank == 0  # logs are written by rank 0
+    eval_keys: set = set()
+    if evals and stage.start == 0:  # step 0: the policy before any update (= the SFT model)
+        with log.timer("eval"):
+            first = held_out_eval(model, eval_fn, 0, device)
+        eval_keys |= set(first)
+        log.log(0, first, advance=0)
     for step in range(stage.start, steps):
         epoch, pos = divmod(step, per_epoch)
         order = epoch_order(len(prompts), cfg.run.seed, epoch)
@@ -337,8 +370,14 @@ def train_ppo(cfg: Config) -> dict:
             with open(out / "samples.jsonl", "a") as f:
                 for i in shown:
                     f.write(json.dumps({"step": step + 1, "response": texts[i], "reward": float(sh.total[i])}) + "\n")
+        # 7. held-out eval (after the timings above were read: its time is logged apart, as time/eval)
+        if evals and ((step + 1) % p.eval_every == 0 or step + 1 == steps):
+            with log.timer("eval"):
+                scores = held_out_eval(model, eval_fn, step + 1, device)
+            eval_keys |= set(scores)
+            last.update(scores)
         stage.end_step(step + 1, last, kl_coef=kl_ctl.coef)
-    stage.finish(["reward", "reward/rm", "kl", "response_len"])
+    stage.finish(["reward", "reward/rm", "kl", "response_len", *sorted(eval_keys)])
 
     # The policy adapter in PEFT format (+ value adapter/head for inspection; merged on request)
     from factrl.model.io import save_adapter, save_llava_hf

@@ -50,13 +50,15 @@ def run_eval(
     batch_size: int = 16,
     eval_dir: str = "eval",
     out_path=None,
+    sets: Optional[Iterable[str]] = None,
 ) -> dict:
     """Generate answers for every eval set under ``data_root/eval_dir`` and score them.
 
     generate_fn(items) -> list[str]: items are dicts with "id", "image" (file name relative to the
     images folder), "question" (plain text; the caller renders and tokenizes), "category", "spec";
     called with at most ``batch_size`` items; identical (image, question) pairs are asked once.
-    max_items caps each eval set. Returns the results dict (also written to ``out_path`` as JSON).
+    max_items caps each eval set; ``sets`` names the ones to run (default: all of ``EVAL_SETS``).
+    Returns the results dict (also written to ``out_path`` as JSON).
     """
     root = Path(data_root)
     if not (root / "scenes.json").is_file():
@@ -65,8 +67,12 @@ def run_eval(
             "(write a dataset with shapesworld.dataset.write_dataset)"
         )
     scenes = load_scenes(root / "scenes.json")
+    wanted = EVAL_SETS if sets is None else list(sets)
+    unknown = sorted(set(wanted) - set(EVAL_SETS))
+    if unknown:
+        raise ValueError(f"unknown eval sets {unknown} (known: {', '.join(EVAL_SETS)})")
     sets: dict[str, list[dict]] = {}
-    for name in EVAL_SETS:
+    for name in wanted:
         p = root / eval_dir / f"{name}.json"
         if p.is_file():
             with open(p) as f:
@@ -99,9 +105,10 @@ def run_eval(
             preds = [parse_yes_no(responses[(it["image"], it["question"])]) for it in items]
             res["pope"][split] = pope_metrics(preds, [it["label"] for it in items])
     if sets.get("mmhal"):
-        recs = []
+        recs, words = [], 0
         for it in sets["mmhal"]:
             r = responses[(it["image"], it["question"])]
+            words += len(r.split())
             c = check_answer(r, it["spec"], scenes[it["image"]])
             recs.append({"category": it["category"], **c})
             if len(res["samples"]) < 8:
@@ -114,6 +121,7 @@ def run_eval(
                     }
                 )
         res["mmhal"] = mmhal_score(recs)
+        res["mmhal"]["response_words"] = words / len(recs)  # mean answer length: does RLHF make answers longer?
         res["hallucination_rate"] = res["mmhal"]["hallucination_rate"]
     if sets.get("chair"):
         rs = [responses[(it["image"], it["question"])] for it in sets["chair"]]

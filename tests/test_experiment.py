@@ -1,0 +1,221 @@
+"""`factrl experiment`: the aggregation and tables on hand-made results, the RM's per-type join,
+the held-out eval hook inside PPO (called when asked, logged, and changing nothing), and a tiny
+end-to-end run that a second invocation skips."""
+
+import json
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from micro import MICRO_MODEL
+
+from factrl.trainers import experiment as E
+from factrl.trainers.config import load_config
+from factrl.trainers.metrics import rm_accuracy, rm_accuracy_by
+
+
+# ---- aggregation on hand-made results -----------------------------------------------------------------
+def _eval(halluc, cats=None, rm=None, words=5.0):
+    """A run_eval-shaped result (only what the experiment reads)."""
+    res = {"hallucination_rate": halluc,
+           "mmhal": {"score": 1 - halluc, "hallucination_rate": halluc, "response_words": words,
+                     "per_category": {c: {"hallucination_rate": v, "score": 0.0, "n": 4}
+                                      for c, v in (cats or {}).items()}},
+           "pope": {s: {"f1": 0.5, "accuracy": 0.5, "yes_ratio": 0.5} for s in ("random", "popular", "adversarial")},
+           "chair": {"chair_i": 0.1, "chair_s": 0.2, "coverage": 0.9}}
+    if rm is not None:
+        res["rm"] = rm
+    return res
+
+
+def _rm(acc, per_type):
+    return {"accuracy": acc, "accuracy_hallucination": acc, "per_question_type": per_type}
+
+
+def _results():
+    t = lambda a, n, ah, nh: {"accuracy": a, "n": n, "accuracy_hallucination": ah, "n_hallucination": nh}  # noqa: E731
+    return {
+        "seeds": [0, 1],
+        "sft": _eval(0.7, {"counting": 0.5, "spatial": 1.0}, words=6.0),
+        "arms": {
+            "vanilla": {
+                "0": {"eval": _eval(0.4, {"counting": 0.25}, _rm(0.6, {"counting": t(0.5, 4, 1.0, 2)})), "curve": [
+                    {"step": 0, "eval/hallucination_rate": 0.7}, {"step": 1, "reward": 0.1, "reward/rm": 0.2},
+                    {"step": 2, "reward": 0.3, "reward/rm": 0.4, "eval/hallucination_rate": 0.5}]},
+                "1": {"eval": _eval(0.6, {"counting": 0.75}, _rm(0.8, {"counting": t(0.75, 4, None, 0)})),
+                      "curve": [{"step": 1, "reward": 0.2, "reward/rm": 0.1}]},
+            },
+            "fact": {
+                "0": {"eval": _eval(0.2, {"counting": 0.0}, _rm(0.9, {"counting": t(1.0, 4, 1.0, 2),
+                                                                      "choice": t(0.5, 2, 0.5, 2)})), "curve": []},
+                "1": {"eval": _eval(0.3, {"counting": 0.5}, _rm(0.7, {"counting": t(0.5, 3, 0.0, 1),
+                                                                      "choice": t(1.0, 2, 1.0, 2)})), "curve": []},
+            },
+        },
+    }
+
+
+def test_mean_std_is_the_sample_std_and_skips_missing_values():
+    assert E.mean_std([0.4, 0.6]) == pytest.approx({"mean": 0.5, "std": 0.02 ** 0.5, "n": 2})
+    assert E.mean_std([1.0, None, 3.0]) == pytest.approx({"mean": 2.0, "std": 2 ** 0.5, "n": 2})
+    assert E.mean_std([0.3]) == {"mean": 0.3, "std": 0.0, "n": 1}
+    assert E.mean_std([None, None]) is None
+
+
+def test_summary_and_tables_on_hand_made_results(tmp_path):
+    r = _results()
+    s = E.summarize(r)
+    h = s["rows"]["hallucination_rate"]
+    assert h["sft"] == 0.7  # one model: a value, not a mean
+    assert h["vanilla"] == pytest.approx({"mean": 0.5, "std": 0.02 ** 0.5, "n": 2})
+    assert h["fact"] == pytest.approx({"mean": 0.25, "std": 0.005 ** 0.5, "n": 2})
+    assert s["rows"]["rm_accuracy"]["sft"] is None and s["rows"]["rm_accuracy"]["fact"]["mean"] == pytest.approx(0.8)
+    assert s["rows"]["mmhal_response_words"]["sft"] == 6.0
+    # per MMHal category: a category only SFT was asked has no arm numbers
+    assert s["categories"]["counting"]["vanilla"]["mean"] == pytest.approx(0.5)
+    assert s["categories"]["spatial"]["sft"] == 1.0 and s["categories"]["spatial"]["fact"] is None
+    # per question type: accuracies over seeds, a type the vanilla RM never saw has no vanilla entry
+    ct = s["rm_types"]["counting"]
+    assert ct["vanilla"]["accuracy"]["mean"] == pytest.approx(0.625) and ct["fact"]["n"] == pytest.approx(3.5)
+    assert ct["vanilla"]["accuracy_hallucination"] == {"mean": 1.0, "std": 0.0, "n": 1}  # seed 1 had none
+    assert s["rm_types"]["choice"]["vanilla"]["accuracy"] is None
+
+    md = E.format_tables({**r, "summary": s})
+    row = lambda label: next(line for line in md.splitlines() if line.startswith(f"| {label}"))  # noqa: E731
+    assert row("hallucination rate").split(" | ")[1:] == ["0.700", "0.500 ± 0.141", "0.250 ± 0.071 |"]
+    assert row("RM held-out accuracy ↑").split(" | ")[1] == "-"
+    assert row("spatial").split(" | ")[1:] == ["4", "1.000", "-", "- |"]
+    assert "| choice | 2 | - | 0.750 ± 0.354 |" in md
+    assert "| counting | 4 / 3.5 | 0.625 ± 0.177 | 0.750 ± 0.354 |" in md  # the pair counts differ per arm
+    assert md.count("| question type |") == 2  # overall, then the hallucination pairs only
+
+    png = E.plot_experiment(r, tmp_path / "experiment.png")
+    assert png is not None and png.stat().st_size > 10_000
+
+
+def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
+    """rm_eval: held-out pairs (in load order, one dropped as too long) joined to their records'
+    question_type by id; ids default to the record index, as the loaders do."""
+    import factrl.trainers.rm as R
+    from factrl.trainers import eval_stage
+
+    recs = [{"id": "a", "question_type": "counting"}, {"id": "b", "question_type": "spatial"},
+            {"question_type": "counting"}, {"id": "d"}, {"id": "e", "question_type": "spatial"}]
+    (tmp_path / "preference_eval.json").write_text(json.dumps(recs))
+    cfg = load_config("tiny", [f"data.root={tmp_path}"])
+    assert eval_stage.question_types(cfg, tmp_path) == {"a": "counting", "b": "spatial", "2": "counting",
+                                                        "e": "spatial"}
+    held = [SimpleNamespace(id=i) for i in ("e", "a", "2", "d")]  # "b" was dropped; "d" has no type
+    triples = [(1.0, 0.0, True), (0.0, 1.0, False), (2.0, 1.0, True), (1.0, 0.0, None)]
+    monkeypatch.setattr(R, "load_pairs", lambda *a, **k: ([], held))
+    monkeypatch.setattr(R, "score_pairs", lambda *a, **k: triples)
+    model = SimpleNamespace(adapter_state=SimpleNamespace(names={"reward"}))
+    a = SimpleNamespace(data_root=tmp_path, tokenizer=SimpleNamespace(pad_token_id=0), images=None)
+    res = eval_stage.rm_eval(model, a, cfg, "cpu")
+    assert res["accuracy"] == 0.75 and res["n"] == 4  # overall, as before
+    assert res["per_question_type"] == {"counting": rm_accuracy(triples[1:3]), "spatial": rm_accuracy(triples[:1])}
+    assert res["per_question_type"]["counting"]["accuracy"] == 0.5
+    assert rm_accuracy_by(triples, [None] * 4) == {}
+
+
+# ---- the held-out eval hook inside PPO ------------------------------------------------------------------
+MICRO = [*MICRO_MODEL, "data.shapes_n=48", "sft.max_steps=6", "rm.max_steps=3", "rm.eval_every=0",
+         "ppo.rollout_batch_size=16", "ppo.rollout_chunk_size=16", "ppo.step_batch_size=8", "ppo.batch_size=8",
+         "ppo.max_response_len=6", "ppo.total_steps=2", "eval.max_items=8", "eval.max_new_tokens=8",
+         "ppo.eval_items=8", "ppo.eval_every=1"]
+
+
+@pytest.fixture(scope="module")
+def sft_rm(tmp_path_factory):
+    from factrl.trainers.embedded import prepare
+    from factrl.trainers.rm import train_rm
+    from factrl.trainers.sft import train_sft
+
+    root = tmp_path_factory.mktemp("exp")
+    cfg = load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"])
+    prepare(cfg)
+    train_sft(cfg)
+    train_rm(cfg)
+    return root
+
+
+def _ppo_cfg(root, out, *extra):
+    return load_config("tiny", MICRO + [f"run.out_dir={out}", f"data.root={root}/data", f"ppo.base={root}/sft/final",
+                                        f"ppo.reward_adapter={root}/rm/reward_adapter", *extra])
+
+
+def test_eval_hook_runs_at_its_steps_is_logged_and_changes_nothing(sft_rm, tmp_path):
+    from factrl.trainers.eval_stage import ppo_eval_fn
+    from factrl.trainers.logs import read_metrics
+    from factrl.trainers.ppo import train_ppo
+
+    on = _ppo_cfg(sft_rm, tmp_path / "on", "ppo.total_steps=3", "ppo.eval_every=2")
+    real = ppo_eval_fn(on)
+    assert ppo_eval_fn(_ppo_cfg(sft_rm, tmp_path / "x", "ppo.eval_every=0")) is None
+    calls = []
+
+    def hook(model, step):
+        calls.append((step, model.training, model.adapter_state.active, torch.is_grad_enabled()))
+        rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        out = real(model, step)
+        # greedy generation and scoring read no global RNG ...
+        assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+        assert np.array_equal(np.random.get_state()[1], rng[2])
+        # ... and a hook that does is undone by train_ppo: the PPO run below is unchanged anyway
+        random.random(), torch.rand(3), np.random.rand()
+        return out
+
+    train_ppo(on, eval_fn=hook)
+    train_ppo(_ppo_cfg(sft_rm, tmp_path / "off", "ppo.total_steps=3"))  # eval_every is on, but no hook
+    assert calls == [(0, False, "policy", False), (2, False, "policy", False), (3, False, "policy", False)]
+
+    rows_on = read_metrics(tmp_path / "on" / "ppo" / "metrics.jsonl")
+    rows_off = read_metrics(tmp_path / "off" / "ppo" / "metrics.jsonl")
+    keys = tuple(f"eval/{k}" for k in ("hallucination_rate", "mmhal_score", "pope_f1_adversarial",
+                                       "pope_yes_ratio_adversarial"))
+    assert [r["step"] for r in rows_on] == [0, 1, 2, 3] and [r["step"] for r in rows_off] == [1, 2, 3]
+    assert set(rows_on[0]) == {"step", "time/eval", *keys}  # the policy before any update
+    assert [all(k in r for k in keys) for r in rows_on[1:]] == [False, True, True]
+    assert all(0.0 <= rows_on[2][k] <= 1.0 for k in keys)
+    assert not any(k.startswith("eval/") for r in rows_off for k in r)
+    same = ("reward", "reward/rm", "kl", "policy_loss", "value_loss", "entropy", "response_len", "grad_norm")
+    assert [{k: r[k] for k in same} for r in rows_on[1:]] == [{k: r[k] for k in same} for r in rows_off]
+    assert (tmp_path / "on" / "ppo" / "curves.png").is_file()
+
+
+# ---- end to end -------------------------------------------------------------------------------------------
+def test_experiment_end_to_end_then_skips_what_it_trained(tmp_path):
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "factrl.trainers.cli", "experiment", *MICRO, f"data.root={tmp_path}/data",
+           f"experiment.out_dir={out}", "experiment.seeds=[3,4]"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["experiment"] == "done" and last["seeds"] == [3, 4]
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["arms"]) == {"vanilla", "fact"} and all(set(v) == {"3", "4"} for v in res["arms"].values())
+    for arm in ("vanilla", "fact"):
+        for seed in (3, 4):
+            run = res["arms"][arm][str(seed)]
+            assert 0.0 <= run["eval"]["hallucination_rate"] <= 1.0 and "per_question_type" in run["eval"]["rm"]
+            assert [p["step"] for p in run["curve"] if "eval/hallucination_rate" in p] == [0, 1, 2]
+            saved = load_config(str(out / f"seed{seed}" / arm / "ppo" / "config.yaml"))
+            assert saved.run.seed == seed and saved.ppo.base == str(out / "sft" / "final")
+            assert saved.ppo.fact_augmented == saved.rm.fact_augmented == (arm == "fact")
+            rm_cfg = load_config(str(out / f"seed{seed}" / arm / "rm" / "config.yaml"))
+            assert rm_cfg.rm.fact_augmented == (arm == "fact")
+    assert not (out / "seed3" / "vanilla" / "sft").exists() and (out / "sft" / "final" / "config.json").is_file()
+    table = (out / "table.md").read_text()
+    for label in ("hallucination rate (MMHal)", "by MMHal category", "by question type", "Fact-RLHF"):
+        assert label in table
+    assert (out / "experiment.png").stat().st_size > 10_000
+
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stdout.count("exists, skipping") == 1 + 2 * 2 * 2  # SFT, then RM and PPO per seed and arm
+    assert r2.stdout.count("reading it back") == 1 + 2 * 2 and "=== " not in r2.stdout
+    assert json.loads((out / "results.json").read_text()) == res

@@ -1,0 +1,286 @@
+"""``factrl experiment`` (``make experiment``): vanilla RLHF against Fact-RLHF over seeds, from one SFT.
+
+The question the paper asks of its reward model: does reading the image's facts make the RLHF
+policy hallucinate less? Both arms start from the same SFT model and differ only in
+``rm.fact_augmented`` / ``ppo.fact_augmented``; each seed re-runs both RM + PPO pairs.
+
+  1. SFT once, under ``<out>/sft`` (``<out>`` = ``experiment.out_dir``, which replaces run.out_dir)
+  2. the SFT model (and the image-blind baseline) on the held-out sets, once: greedy decoding
+     does not depend on the seed
+  3. per seed, per arm (vanilla, fact), under ``<out>/seed<s>/<arm>``: the RM, then PPO (held-out
+     eval every ``ppo.eval_every`` steps), both on the shared SFT base; then the policy on the
+     held-out sets and the arm's RM on the held-out preference pairs
+  4. ``results.json`` (every number per arm and seed, and the PPO curves), ``table.md`` (mean ± std
+     over seeds, also printed) and ``experiment.png``
+
+Run again, it skips every trained stage whose done marker exists and reads back every evaluation
+newer than what it evaluated (made with the same eval and data config).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+from factrl.trainers.config import Config, load_config, write_atomic
+from factrl.trainers.embedded import prepare
+from factrl.trainers.eval_stage import evaluate_models, headline, ppo_eval_fn
+from factrl.trainers.logs import read_metrics
+from factrl.trainers.pipeline import run_stage
+from factrl.trainers.run import RunLayout
+
+ARMS = ("vanilla", "fact")
+COLUMNS = (("sft", "SFT"), ("vanilla", "vanilla-RLHF"), ("fact", "Fact-RLHF"))
+# (label, eval_stage.headline key); RM rows: the arm's own RM (the SFT column has none)
+ROWS = [
+    ("hallucination rate (MMHal) ↓", "hallucination_rate"),
+    ("MMHal score ↑", "mmhal_score"),
+    ("POPE F1 random ↑", "pope_f1_random"),
+    ("POPE F1 popular ↑", "pope_f1_popular"),
+    ("POPE F1 adversarial ↑", "pope_f1_adversarial"),
+    ("POPE accuracy adversarial ↑", "pope_accuracy_adversarial"),
+    ("POPE yes-ratio (adv.)", "pope_yes_ratio_adversarial"),
+    ("CHAIR_i ↓", "chair_i"),
+    ("CHAIR_s ↓", "chair_s"),
+    ("CHAIR coverage ↑", "chair_coverage"),
+    ("answer length on MMHal (words)", "mmhal_response_words"),
+    ("RM held-out accuracy ↑", "rm_accuracy"),
+    ("RM held-out accuracy (halluc. pairs) ↑", "rm_accuracy_hallucination"),
+]
+CURVE_KEYS = ("reward", "reward/rm", "kl", "eval/hallucination_rate", "eval/mmhal_score",
+              "eval/pope_f1_adversarial", "eval/pope_yes_ratio_adversarial")
+
+
+def arm_config(cfg: Config, out: Path, seed: int, arm: str) -> Config:
+    """The config of one arm and seed: its own run directory, the shared SFT base, its own RM."""
+    c = copy.deepcopy(cfg)
+    layout = RunLayout(out / f"seed{seed}" / arm)
+    c.run.seed, c.run.out_dir = seed, str(layout.root)
+    c.rm.base = c.ppo.base = str(RunLayout(out).sft_final)
+    c.ppo.reward_adapter = str(layout.reward_adapter)
+    c.rm.fact_augmented = c.ppo.fact_augmented = arm == "fact"
+    return c
+
+
+def run_experiment(cfg: Config) -> dict:
+    from factrl.trainers.ppo import train_ppo
+    from factrl.trainers.rm import train_rm
+    from factrl.trainers.sft import train_sft
+
+    t0 = time.time()
+    out = Path(cfg.experiment.out_dir)
+    seeds = list(cfg.experiment.seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"experiment.seeds={seeds}: expected distinct seeds")
+
+    # 1. SFT once (the tiny base and ShapesWorld first, for the embedded default)
+    shared = copy.deepcopy(cfg)
+    shared.run.out_dir = str(out)
+    shared.rm.base = shared.ppo.base = shared.ppo.reward_adapter = ""  # this run's own sft/final, no RM
+    prepare(shared)
+    run_stage(shared, "sft", train_sft)
+    sft_done = RunLayout(out).done("sft")
+
+    # 2. SFT and the blind baseline on the held-out sets, once
+    base = _evaluate(shared, ("sft", "blind"), sft_done, "")
+    results = {"seeds": seeds, "sft": base["sft"], "blind": base.get("blind"), "arms": {a: {} for a in ARMS}}
+
+    # 3. per seed and arm: RM, PPO with the held-out eval hook, the policy (and the RM) evaluated
+    ppo = lambda c: train_ppo(c, eval_fn=ppo_eval_fn(c))  # noqa: E731
+    for seed in seeds:
+        for arm in ARMS:
+            c = arm_config(cfg, out, seed, arm)
+            label = f"seed{seed}/{arm} "
+            run_stage(c, "rm", train_rm, label)
+            run_stage(c, "ppo", ppo, label)
+            layout = RunLayout(Path(c.run.out_dir))
+            res = _evaluate(c, ("ppo",), layout.done("ppo"), label)["ppo"]
+            results["arms"][arm][str(seed)] = {"eval": res, "curve": ppo_curve(layout.stage("ppo") / "metrics.jsonl")}
+
+    # 4. results, tables, plot
+    results["summary"] = summarize(results)
+    write_atomic(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
+    table = format_tables(results)
+    print(table)
+    write_atomic(out / "table.md", table + "\n")
+    png = plot_experiment(results, out / "experiment.png")
+    means = {key: {col: _mean(results["summary"]["rows"][key][col]) for col, _ in COLUMNS}
+             for key in ("hallucination_rate", "mmhal_score", "pope_f1_adversarial", "chair_i", "rm_accuracy")}
+    return {"experiment": "done", "seconds": round(time.time() - t0, 1), "seeds": seeds,
+            "results": str(out / "results.json"), "table": str(out / "table.md"),
+            "plot": None if png is None else str(png), "mean": means}
+
+
+def _evaluate(cfg: Config, columns: tuple, after: Path, label: str) -> dict:
+    """``evaluate_models(cfg, columns)``, or its saved results when every column's file is newer than
+    ``after`` (the done marker of what it evaluates) and the eval and data configs are unchanged."""
+    out = RunLayout(Path(cfg.run.out_dir)).stage("eval")
+    files = {c: out / f"{c}.json" for c in columns}
+    saved = out / "config.yaml"
+    if saved.is_file() and all(f.is_file() and f.stat().st_mtime >= after.stat().st_mtime for f in files.values()):
+        old = load_config(str(saved))
+        if (old.eval, old.data) == (cfg.eval, cfg.data):
+            print(f"[factrl] {label}eval: {out} exists, reading it back (delete it to re-evaluate)")
+            return {c: json.loads(f.read_text()) for c, f in files.items()}
+    print(f"[factrl] === {label}eval ({', '.join(columns)}) ===")
+    return evaluate_models(cfg, columns)
+
+
+def ppo_curve(metrics: Path) -> list[dict]:
+    """The PPO rows' reward and held-out eval numbers, step by step (step 0: the eval before training)."""
+    rows = [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if isinstance(r.get(k), (int, float))}}
+            for r in read_metrics(metrics)]
+    return [r for r in rows if len(r) > 1]
+
+
+# ---- aggregation: pure functions over results.json ----------------------------------------------------
+def mean_std(values: Iterable) -> Optional[dict]:
+    """{"mean", "std", "n"} of the numbers among ``values`` (None skipped); std is the sample std
+    (n − 1 in the denominator), 0 for one number; None when there is no number."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return {"mean": m, "std": sd, "n": len(xs)}
+
+
+def _mean(v) -> Optional[float]:
+    return v["mean"] if isinstance(v, dict) else v
+
+
+def _dig(d, *path):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def summarize(results: dict) -> dict:
+    """Mean ± std over seeds of every table entry: ``rows`` {key: {sft: value, arm: mean_std}},
+    ``categories`` {MMHal category: same, of the hallucination rate}, ``rm_types`` {question type:
+    {arm: {accuracy, accuracy_hallucination: mean_std, n, n_hallucination: mean pairs}}}."""
+    evals = {arm: [run["eval"] for run in runs.values()] for arm, runs in results["arms"].items()}
+    sft = headline(results["sft"])
+    rows = {key: {"sft": sft[key], **{arm: mean_std(headline(r)[key] for r in rs) for arm, rs in evals.items()}}
+            for _, key in ROWS}
+    cat_rate = lambda r, c: _dig(r, "mmhal", "per_category", c, "hallucination_rate")  # noqa: E731
+    cats = sorted({c for r in [results["sft"], *(r for rs in evals.values() for r in rs)]
+                   for c in (_dig(r, "mmhal", "per_category") or {})})
+    categories = {c: {"sft": cat_rate(results["sft"], c), "n": _dig(results["sft"], "mmhal", "per_category", c, "n"),
+                      **{arm: mean_std(cat_rate(r, c) for r in rs) for arm, rs in evals.items()}} for c in cats}
+    types = sorted({t for rs in evals.values() for r in rs for t in _dig(r, "rm", "per_question_type") or {}})
+    rm_types = {t: {arm: _rm_type(rs, t) for arm, rs in evals.items()} for t in types}
+    return {"rows": rows, "categories": categories, "rm_types": rm_types}
+
+
+def _rm_type(evals: list[dict], qtype: str) -> dict:
+    """One arm's RM on one question type over seeds: accuracies as mean_std, pair counts as means
+    (a fact RM prompt is longer, so it may drop more pairs as too long than a vanilla one)."""
+    acc = [_dig(r, "rm", "per_question_type", qtype) or {} for r in evals]
+    return {"accuracy": mean_std(a.get("accuracy") for a in acc),
+            "accuracy_hallucination": mean_std(a.get("accuracy_hallucination") for a in acc),
+            "n": _mean(mean_std(a.get("n") for a in acc)),
+            "n_hallucination": _mean(mean_std(a.get("n_hallucination") for a in acc))}
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" if v["n"] > 1 else f"{v['mean']:.3f}"
+    return f"{v:.3f}"
+
+
+def _md(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def format_tables(results: dict) -> str:
+    """The experiment's tables in markdown (``results`` as ``run_experiment`` builds it)."""
+    s = results.get("summary") or summarize(results)
+    seeds = ", ".join(str(x) for x in results["seeds"])
+    count = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731  a mean over seeds may be fractional
+    lines = ["## Held-out ShapesWorld: SFT vs vanilla RLHF vs Fact-RLHF", "",
+             f"Mean ± sample std over seeds {seeds}. SFT is one model decoded greedily (no seed); "
+             "RM rows: each arm's own reward model on the held-out preference pairs.", ""]
+    lines += _md([""] + [name for _, name in COLUMNS],
+                 [[label] + [_cell(s["rows"][key][col]) for col, _ in COLUMNS] for label, key in ROWS])
+    lines += ["", "## Hallucination rate by MMHal category ↓", ""]
+    lines += _md(["category", "items"] + [name for _, name in COLUMNS],
+                 [[c, count(v["n"])] + [_cell(v[col]) for col, _ in COLUMNS] for c, v in s["categories"].items()])
+    for key, title, n in (("accuracy", "RM held-out pairwise accuracy by question type ↑", "n"),
+                          ("accuracy_hallucination", "The same on hallucination pairs only ↑", "n_hallucination")):
+        rows = []
+        for t, v in s["rm_types"].items():
+            got = [v.get(arm) or {} for arm in ARMS]
+            if not any(g.get(n) for g in got):  # no pairs of this type (in this subset): omitted
+                continue
+            pairs = " / ".join(dict.fromkeys(count(g[n]) for g in got if g.get(n)))  # one number if they agree
+            rows.append([t, pairs] + [_cell(g.get(key)) for g in got])
+        lines += ["", f"## {title}", ""] + _md(["question type", "pairs (vanilla / fact)", "vanilla RM", "fact RM"],
+                                              rows)
+    return "\n".join(lines)
+
+
+def plot_experiment(results: dict, png: Path) -> Optional[Path]:
+    """Top: headline metrics per column, each seed a dot, mean ± std as an error bar. Bottom: the PPO
+    reward, RM score and held-out hallucination rate over steps, one line per seed and arm; and
+    the RM's held-out accuracy per arm. None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    colors = {"sft": "tab:gray", "vanilla": "tab:blue", "fact": "tab:orange"}
+    names = dict(COLUMNS)
+    top = [("hallucination_rate", "hallucination rate (MMHal) ↓"), ("mmhal_score", "MMHal score ↑"),
+           ("pope_f1_adversarial", "POPE F1 adversarial ↑"), ("chair_i", "CHAIR_i ↓")]
+    curves = [("reward", "PPO reward (total)"), ("reward/rm", "PPO reward: RM score"),
+              ("eval/hallucination_rate", "held-out hallucination rate ↓")]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+
+    def dots(ax, key, title):
+        per = {"sft": [headline(results["sft"])[key]],
+               **{arm: [headline(run["eval"])[key] for run in runs.values()]
+                  for arm, runs in results["arms"].items()}}
+        for x, (col, _) in enumerate(COLUMNS):
+            ys = [y for y in per.get(col, []) if y is not None]
+            if not ys:
+                continue
+            jitter = [x + 0.06 * (i - (len(ys) - 1) / 2) for i in range(len(ys))]
+            ax.scatter(jitter, ys, color=colors[col], alpha=0.7, zorder=3)
+            if len(ys) > 1:
+                ms = mean_std(ys)
+                ax.errorbar([x + 0.25], [ms["mean"]], yerr=[ms["std"]], fmt="D", color="black", capsize=4, zorder=4)
+        ax.set_xticks(range(len(COLUMNS)), [name for _, name in COLUMNS])
+        ax.set_xlim(-0.5, len(COLUMNS) - 0.5)
+        ax.set_title(title)
+
+    for ax, (key, title) in zip(axes[0], top):
+        dots(ax, key, title)
+    styles = ["-", "--", ":", "-."]
+    for ax, (key, title) in zip(axes[1], curves):
+        for arm, runs in results["arms"].items():
+            for i, (seed, run) in enumerate(runs.items()):
+                pts = [(r["step"], r[key]) for r in run["curve"] if key in r]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[i % len(styles)], color=colors[arm],
+                            marker="." if key.startswith("eval/") else None, label=f"{names[arm]} seed {seed}")
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+    axes[1][0].legend(fontsize=7)
+    dots(axes[1][3], "rm_accuracy", "RM held-out accuracy ↑ (the arm's RM)")
+    fig.suptitle(f"vanilla RLHF vs Fact-RLHF, seeds {', '.join(str(s) for s in results['seeds'])}")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
