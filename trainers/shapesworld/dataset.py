@@ -14,7 +14,7 @@ from typing import Optional
 
 from factrl.trainers.config import write_atomic
 
-from .grammar import answer, detail, hallucinate, less_helpful, qtype, question
+from .grammar import answer, hallucinate, less_helpful, qtype, question
 from .scenes import Scene, random_scene, render
 from .specs import CATEGORIES, make_choice_spec, make_exists_spec, make_spec
 
@@ -121,12 +121,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                 }
             )
 
-    # Preference pairs. Yes/no and multiple-choice questions: the right answer vs the wrong one. Open
-    # questions: 55% the faithful answer vs one with a planted false fact; 15% the faithful answer vs
-    # the same with one plausible-but-false extra detail; 15% the faithful answer *with* one true extra
-    # detail preferred to the bare one (raters prefer detail, as in the paper's human data: an RM that
-    # cannot check facts learns "more detail is better" and so rewards false detail too); 15% the
-    # faithful answer vs a less helpful one ("I am not sure.", an incomplete description).
+    # Preference pairs: 3 of 4 plant a hallucination, 1 of 4 differ only in helpfulness.
     def pairs_for(pool, key, per_scene):
         for s in pool:
             r = random.Random(f"{seed}-{key}-{s.id}")
@@ -135,24 +130,14 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                 spec = choice[s.image] if r.random() < 0.1 else make_spec(cat, s, r)
                 if not qtype(spec).yesno and spec["type"] != "choice" and r.random() < 0.1:
                     spec = make_exists_spec(s, r, present=r.random() < 0.5)
-                # the MMHal-style category, or the POPE-style existence / multiple-choice question
-                qcat = {"choice": "choice", "exists": "existence"}.get(spec["type"], cat)
                 good = answer(spec, s)
-                closed = qtype(spec).yesno or spec["type"] == "choice"
-                u = 0.0 if closed else r.random()
-                if spec["type"] == "describe" and 0.55 <= u < 0.85:  # a description already lists every object
-                    u = 0.0
-                if u < 0.70:  # a hallucination pair: planted false fact, or false extra detail
-                    bad, kind = hallucinate(spec, s, r) if u < 0.55 else (lambda d: (f"{good} {d[0]}", d[1]))(
-                        detail(s, r, true=False))
+                halluc = r.random() < 0.75 or qtype(spec).yesno or spec["type"] == "choice"
+                if halluc:
+                    bad, kind = hallucinate(spec, s, r)
                     out["planted"].append((s, spec, bad, kind))
-                elif u < 0.85:  # helpfulness: the more detailed of two faithful answers
-                    good, bad = f"{good} {detail(s, r)[0]}", good
-                    out["unhelpful"].append((s, spec, bad))
                 else:
                     bad = less_helpful(spec, s, r)
                     out["unhelpful"].append((s, spec, bad))
-                halluc = u < 0.70
                 out["items"].append((s, spec, good))
                 pref = 1 if r.random() < 0.5 else 2
                 o1, o2 = (good, bad) if pref == 1 else (bad, good)
@@ -165,7 +150,6 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                         "output_2": {"value": o2},
                         "preference": pref,
                         "hallucination": bool(halluc),
-                        "question_type": qcat,  # extra field (loaders ignore it): per-type RM accuracy
                     }
                 )
 

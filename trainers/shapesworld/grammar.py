@@ -162,8 +162,7 @@ def _lie_describe(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, st
     objs = list(scene.objects)
     kind = rng.choice(["wrong_attribute", "absent_object", "wrong_count", "wrong_relation"])
     if kind == "wrong_count":
-        # the noun agrees with the false count ("with 1 shape"), so only the count gives the lie away
-        return scene.describe(objs, len(objs) + rng.choice([-1, 1]) if len(objs) > 1 else 2), kind
+        return scene.describe(objs, len(objs) + rng.choice([-1, 1]) if len(objs) > 1 else 2, "shapes"), kind
     i = rng.randrange(len(objs))
     o = objs[i]
     if kind == "wrong_attribute":
@@ -211,9 +210,8 @@ QTYPES: dict[str, QType] = {
     "describe": QType(lambda sp: ["Describe the image.", "What is in the image?"][sp.get("variant", 0)],
                       lambda sp, s: s.describe(), _lie_describe, ("a_background", "n_shapes", "obj")),
     "at": QType(lambda sp: f"What is at the {sp['pos']}?", _at, _lie_at, ("obj", "empty")),
-    # "X." as the recipe's symbolic reward reads it (RLHF/models/ppo_trainer.py:277-303: starts with "X.")
-    "choice": QType(_choice_question, lambda sp, s: sp["answer"] + ".",
-                    lambda sp, s, rng: (rng.choice([L for L in "ABCD" if L != sp["answer"]]) + ".", "wrong_attribute")),
+    "choice": QType(_choice_question, lambda sp, s: sp["answer"],
+                    lambda sp, s, rng: (rng.choice([L for L in "ABCD" if L != sp["answer"]]), "wrong_attribute")),
 }
 
 
@@ -247,28 +245,6 @@ def less_helpful(spec: dict, scene: Scene, rng: random.Random) -> str:
         k = rng.randrange(len(scene.objects))
         return scene.describe(scene.objects[:k])  # true, but incomplete
     return rng.choice(UNHELPFUL)
-
-
-def detail(scene: Scene, rng: random.Random, true: bool = True) -> tuple[str, str]:
-    """(one extra sentence about an object, kind): "There is a <size> <color> <shape> at the <pos>."
-    — true, or with one planted error (kind wrong_attribute / wrong_relation / absent_object).
-    Appended to a faithful answer it makes the *more detailed* answer of a helpfulness pair, or the
-    answer with plausible-but-false detail of a hallucination pair."""
-    o = rng.choice(scene.objects)
-    if true:
-        return f"There is a {o.size} {o.name} at the {o.pos}.", "true"
-    for _ in range(100):
-        kind = rng.choice(["wrong_attribute", "wrong_relation", "absent_object"])
-        size, color, shape, pos = o.size, o.color, o.shape, o.pos
-        if kind == "wrong_attribute":
-            size = "small" if o.size == "large" else "large"
-        elif kind == "wrong_relation":
-            pos = rng.choice([p for p in sorted(POSITION_CELLS) if p != o.pos])
-        else:
-            (color, shape), size, pos = rng.choice(scene.absent()), rng.choice(SIZES), rng.choice(sorted(POSITION_CELLS))
-        if not scene.find(size=size, color=color, shape=shape, pos=pos):  # false, whatever else the scene holds
-            return f"There is a {size} {color} {shape} at the {pos}.", kind
-    raise RuntimeError(f"no false detail found for scene {scene.id}")
 
 
 # ---- reading claims back --------------------------------------------------------------------------
