@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from micro import MICRO_MODEL
+from micro import MICRO_MODEL, ppo_config, train_sft_rm
 
 from factrl.trainers.config import PPOConfig
 from factrl.trainers.rl import (
@@ -182,24 +182,11 @@ MICRO = [*MICRO_MODEL, "model.tiny.hidden_size=48", "model.tiny.num_layers=2", "
 @pytest.fixture(scope="module")
 def sft_rm(tmp_path_factory):
     """A micro SFT model and a reward model trained on ShapesWorld (about 15 s)."""
-    from factrl.trainers.config import load_config
-    from factrl.trainers.embedded import prepare
-    from factrl.trainers.rm import train_rm
-    from factrl.trainers.sft import train_sft
-
-    root = tmp_path_factory.mktemp("ppo")
-    cfg = load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"])
-    prepare(cfg)
-    train_sft(cfg)
-    train_rm(cfg)
-    return root
+    return train_sft_rm(tmp_path_factory.mktemp("ppo"), MICRO)
 
 
 def _cfg(root, out, *extra):
-    from factrl.trainers.config import load_config
-
-    return load_config("tiny", MICRO + [f"run.out_dir={out}", f"data.root={root}/data", f"ppo.base={root}/sft/final",
-                                        f"ppo.reward_adapter={root}/rm/reward_adapter", *extra])
+    return ppo_config(root, MICRO, out, *extra)
 
 
 def _rm_curve(out):
