@@ -148,10 +148,11 @@ def test_eval_hook_runs_at_its_steps_is_logged_and_changes_nothing(sft_rm, tmp_p
     assert ppo_eval_fn(_ppo_cfg(sft_rm, tmp_path / "x", "ppo.eval_every=0")) is None
     calls = []
 
-    def hook(model, step):
+    def hook(a, step):
+        model = a.model
         calls.append((step, model.training, model.adapter_state.active, torch.is_grad_enabled()))
         rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-        out = real(model, step)
+        out = real(a, step)
         # greedy generation and scoring read no global RNG ...
         assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
         assert np.array_equal(np.random.get_state()[1], rng[2])

@@ -231,9 +231,9 @@ def test_run_eval_on_chosen_sets_and_the_mmhal_answer_length(data_root):
         asked.extend(items)
         return ["No, two three." for _ in items]
 
-    res = R.run_eval(fn, data_root, max_items=6, progress=False, sets=("mmhal", "pope_adversarial"))
+    res = R.run_eval(fn, data_root, max_items=6, progress=False, only=("mmhal", "pope_adversarial"))
     assert set(res["pope"]) == {"adversarial"} and "chair" not in res and res["mmhal"]["n"] == 6
     assert len(asked) == 12  # the other sets' questions are never generated
     assert res["mmhal"]["response_words"] == 3.0
     with pytest.raises(ValueError, match="unknown eval sets"):
-        R.run_eval(fn, data_root, sets=("mmhal", "pope_typo"), progress=False)
+        R.run_eval(fn, data_root, only=("mmhal", "pope_typo"), progress=False)

@@ -21,7 +21,7 @@ from factrl.trainers.config import Config
 from factrl.trainers.data import _record_id, pad, pad_mask, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
-from factrl.trainers.setup import load_assets, stage_base
+from factrl.trainers.setup import Assets, load_assets, stage_base
 from factrl.trainers.shapesworld.scoring import blind_answers, run_eval
 from factrl.trainers.stage import Stage
 
@@ -125,29 +125,19 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     return results
 
 
-def ppo_eval_fn(cfg: Config) -> Optional[Callable[[torch.nn.Module, int], dict]]:
-    """The hook ``train_ppo`` calls every ``ppo.eval_every`` steps (None when 0): the policy's greedy
-    answers to the first ``ppo.eval_items`` items of MMHal and POPE adversarial, scored. The
-    tokenizer and images are read from the PPO base on the first call (it exists by then)."""
+def ppo_eval_fn(cfg: Config) -> Optional[Callable[[Assets, int], dict]]:
+    """The hook ``train_ppo`` calls every ``ppo.eval_every`` steps (None when 0) with its own assets:
+    the policy's greedy answers to the first ``ppo.eval_items`` items of MMHal and POPE adversarial,
+    scored."""
     if cfg.ppo.eval_every <= 0:
         return None
-    assets: dict = {}
 
-    def eval_fn(model, step: int) -> dict:
-        from factrl.model.io import load_image_processor, load_tokenizer
-        from factrl.trainers.data import image_loader
-
-        if not assets:
-            base = stage_base(cfg, RunLayout(Path(cfg.run.out_dir)), cfg.ppo.base)
-            assets["tok"] = load_tokenizer(base)
-            assets["images"] = image_loader(str(Path(cfg.data.root) / cfg.data.image_folder),
-                                            load_image_processor(base), cfg.data.image_aspect)
-        vc = model.vision_config
-        gen = make_generate_fn(model, assets["tok"], assets["images"], (vc.image_size // vc.patch_size) ** 2,
-                               "policy", cfg.eval.max_new_tokens, model.embed_tokens.weight.device)
-        res = run_eval(gen, cfg.data.root, max_items=cfg.ppo.eval_items, progress=False,
+    def eval_fn(a: Assets, step: int) -> dict:
+        gen = make_generate_fn(a.model, a.tokenizer, a.images, a.num_image_tokens, "policy",
+                               cfg.eval.max_new_tokens, a.model.embed_tokens.weight.device)
+        res = run_eval(gen, a.data_root, max_items=cfg.ppo.eval_items, progress=False,
                        batch_size=cfg.eval.batch_size, eval_dir=cfg.data.eval_dir,
-                       sets=("mmhal", "pope_adversarial"))
+                       only=("mmhal", "pope_adversarial"))
         h = headline(res)
         keys = ("hallucination_rate", "mmhal_score", "pope_f1_adversarial", "pope_yes_ratio_adversarial")
         return {k: h[k] for k in keys if h[k] is not None}
@@ -157,7 +147,7 @@ def ppo_eval_fn(cfg: Config) -> Optional[Callable[[torch.nn.Module, int], dict]]
 
 def headline(r: dict) -> dict:
     """The few numbers the pipeline's last JSON line carries."""
-    g = lambda *p: _get(r, p)  # noqa: E731
+    g = lambda *p: dig(r, *p)  # noqa: E731
     return {"hallucination_rate": g("hallucination_rate"), "mmhal_score": g("mmhal", "score"),
             "pope_accuracy_random": g("pope", "random", "accuracy"),
             "pope_accuracy_adversarial": g("pope", "adversarial", "accuracy"),
@@ -169,7 +159,8 @@ def headline(r: dict) -> dict:
             "rm_accuracy_hallucination": g("rm", "accuracy_hallucination")}
 
 
-def _get(d, path):
+def dig(d, *path):
+    """``d[k1][k2]...`` along ``path``, None where a key is missing (results may lack a set)."""
     for k in path:
         if not isinstance(d, dict) or k not in d:
             return None

@@ -27,9 +27,9 @@ from typing import Iterable, Optional
 
 from factrl.trainers.config import Config, load_config, write_atomic
 from factrl.trainers.embedded import prepare
-from factrl.trainers.eval_stage import evaluate_models, headline, ppo_eval_fn
+from factrl.trainers.eval_stage import dig, evaluate_models, headline
 from factrl.trainers.logs import read_metrics
-from factrl.trainers.pipeline import run_stage
+from factrl.trainers.pipeline import run_stage, train_ppo_evaluated
 from factrl.trainers.run import RunLayout
 
 ARMS = ("vanilla", "fact")
@@ -66,7 +66,6 @@ def arm_config(cfg: Config, out: Path, seed: int, arm: str) -> Config:
 
 
 def run_experiment(cfg: Config) -> dict:
-    from factrl.trainers.ppo import train_ppo
     from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
 
@@ -89,13 +88,12 @@ def run_experiment(cfg: Config) -> dict:
     results = {"seeds": seeds, "sft": base["sft"], "blind": base.get("blind"), "arms": {a: {} for a in ARMS}}
 
     # 3. per seed and arm: RM, PPO with the held-out eval hook, the policy (and the RM) evaluated
-    ppo = lambda c: train_ppo(c, eval_fn=ppo_eval_fn(c))  # noqa: E731
     for seed in seeds:
         for arm in ARMS:
             c = arm_config(cfg, out, seed, arm)
             label = f"seed{seed}/{arm} "
             run_stage(c, "rm", train_rm, label)
-            run_stage(c, "ppo", ppo, label)
+            run_stage(c, "ppo", train_ppo_evaluated, label)
             layout = RunLayout(Path(c.run.out_dir))
             res = _evaluate(c, ("ppo",), layout.done("ppo"), label)["ppo"]
             results["arms"][arm][str(seed)] = {"eval": res, "curve": ppo_curve(layout.stage("ppo") / "metrics.jsonl")}
@@ -152,14 +150,6 @@ def _mean(v) -> Optional[float]:
     return v["mean"] if isinstance(v, dict) else v
 
 
-def _dig(d, *path):
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
 def summarize(results: dict) -> dict:
     """Mean ± std over seeds of every table entry: ``rows`` {key: {sft: value, arm: mean_std}},
     ``categories`` {MMHal category: same, of the hallucination rate}, ``rm_types`` {question type:
@@ -168,12 +158,12 @@ def summarize(results: dict) -> dict:
     sft = headline(results["sft"])
     rows = {key: {"sft": sft[key], **{arm: mean_std(headline(r)[key] for r in rs) for arm, rs in evals.items()}}
             for _, key in ROWS}
-    cat_rate = lambda r, c: _dig(r, "mmhal", "per_category", c, "hallucination_rate")  # noqa: E731
+    cat_rate = lambda r, c: dig(r, "mmhal", "per_category", c, "hallucination_rate")  # noqa: E731
     cats = sorted({c for r in [results["sft"], *(r for rs in evals.values() for r in rs)]
-                   for c in (_dig(r, "mmhal", "per_category") or {})})
-    categories = {c: {"sft": cat_rate(results["sft"], c), "n": _dig(results["sft"], "mmhal", "per_category", c, "n"),
+                   for c in (dig(r, "mmhal", "per_category") or {})})
+    categories = {c: {"sft": cat_rate(results["sft"], c), "n": dig(results["sft"], "mmhal", "per_category", c, "n"),
                       **{arm: mean_std(cat_rate(r, c) for r in rs) for arm, rs in evals.items()}} for c in cats}
-    types = sorted({t for rs in evals.values() for r in rs for t in _dig(r, "rm", "per_question_type") or {}})
+    types = sorted({t for rs in evals.values() for r in rs for t in dig(r, "rm", "per_question_type") or {}})
     rm_types = {t: {arm: _rm_type(rs, t) for arm, rs in evals.items()} for t in types}
     return {"rows": rows, "categories": categories, "rm_types": rm_types}
 
@@ -181,7 +171,7 @@ def summarize(results: dict) -> dict:
 def _rm_type(evals: list[dict], qtype: str) -> dict:
     """One arm's RM on one question type over seeds: accuracies as mean_std, pair counts as means
     (a fact RM prompt is longer, so it may drop more pairs as too long than a vanilla one)."""
-    acc = [_dig(r, "rm", "per_question_type", qtype) or {} for r in evals]
+    acc = [dig(r, "rm", "per_question_type", qtype) or {} for r in evals]
     return {"accuracy": mean_std(a.get("accuracy") for a in acc),
             "accuracy_hallucination": mean_std(a.get("accuracy_hallucination") for a in acc),
             "n": _mean(mean_std(a.get("n") for a in acc)),

@@ -24,17 +24,23 @@ def run_stage(cfg: Config, name: str, fn, label: str = "") -> None:
         fn(cfg)
 
 
-def run_pipeline(cfg: Config) -> dict:
-    from factrl.trainers.eval_stage import evaluate_stages, ppo_eval_fn
+def train_ppo_evaluated(cfg: Config) -> dict:
+    """PPO with ShapesWorld's held-out eval every ``ppo.eval_every`` steps (the world-aware callers')."""
+    from factrl.trainers.eval_stage import ppo_eval_fn
     from factrl.trainers.ppo import train_ppo
+
+    return train_ppo(cfg, eval_fn=ppo_eval_fn(cfg))
+
+
+def run_pipeline(cfg: Config) -> dict:
+    from factrl.trainers.eval_stage import evaluate_stages
     from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
 
     t0 = time.time()
     times = {}
     prepare(cfg)
-    ppo = lambda c: train_ppo(c, eval_fn=ppo_eval_fn(c))  # noqa: E731  held-out eval every ppo.eval_every steps
-    for name, fn in (("sft", train_sft), ("rm", train_rm), ("ppo", ppo)):
+    for name, fn in (("sft", train_sft), ("rm", train_rm), ("ppo", train_ppo_evaluated)):
         t = time.time()
         run_stage(cfg, name, fn)
         times[name] = round(time.time() - t, 1)

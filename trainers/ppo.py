@@ -49,7 +49,7 @@ from factrl.trainers.rl import (
 from factrl.trainers.rm import ROLE as REWARD
 from factrl.trainers.rm import last_token_scores
 from factrl.trainers.run import autocast
-from factrl.trainers.setup import load_assets, stage_base, to_device
+from factrl.trainers.setup import Assets, load_assets, stage_base, to_device
 from factrl.trainers.stage import Stage, epoch_order, trainable_adapter
 
 POLICY, VALUE = "policy", "value"
@@ -244,20 +244,22 @@ def ppo_update(model, ro: Rollout, stage: Stage, cfg: Config, generator) -> dict
 
 
 # ---- 7. held-out eval ------------------------------------------------------------------------------------
-EvalFn = Callable[[torch.nn.Module, int], dict]  # (model, step) -> {name: float}
+EvalFn = Callable[[Assets, int], dict]  # (the stage's model, tokenizer, images..., step) -> {name: float}
 
 
-def held_out_eval(model, eval_fn: EvalFn, step: int, device) -> dict:
-    """``eval_fn(model, step)`` in eval mode, without gradients, with the policy adapter active;
-    its keys prefixed ``eval/``. Every global RNG the PPO step reads (Python's for the caption
-    shuffle, numpy, torch) is restored afterwards, so an eval never changes the run it watches."""
+def held_out_eval(a: Assets, eval_fn: EvalFn, step: int, device) -> dict:
+    """``eval_fn(a, step)`` (``a``: the stage's assets, ``a.model`` the PPO model) in eval mode,
+    without gradients, with the policy adapter active; its keys prefixed ``eval/``. Every global
+    RNG the PPO step reads (Python's for the caption shuffle, numpy, torch) is restored afterwards,
+    so an eval never changes the run it watches."""
+    model = a.model
     was = model.training
     py, npy = random.getstate(), np.random.get_state()
     devices = [device.index or torch.cuda.current_device()] if device.type == "cuda" else []
     model.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), model.adapter(POLICY):
-            out = eval_fn(model, step)
+            out = eval_fn(a, step)
     finally:
         random.setstate(py)
         np.random.set_state(npy)
@@ -279,7 +281,7 @@ def build_roles(model, cfg: Config, reward_dir) -> list:
 
 
 def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
-    """PPO from the SFT base and the RM's reward adapter. ``eval_fn(model, step) -> {name: float}``
+    """PPO from the SFT base and the RM's reward adapter. ``eval_fn(assets, step) -> {name: float}``
     (optional, see ``held_out_eval``) scores the policy every ``ppo.eval_every`` steps."""
     p = cfg.ppo
     stage = Stage(cfg, "ppo")
@@ -318,7 +320,7 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
     eval_keys: set = set()
     if evals and stage.start == 0:  # step 0: the policy before any update (= the SFT model)
         with log.timer("eval"):
-            first = held_out_eval(model, eval_fn, 0, device)
+            first = held_out_eval(a, eval_fn, 0, device)
         eval_keys |= set(first)
         log.log(0, first, advance=0)
     for step in range(stage.start, steps):
@@ -373,7 +375,7 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
         # 7. held-out eval (after the timings above were read: its time is logged apart, as time/eval)
         if evals and ((step + 1) % p.eval_every == 0 or step + 1 == steps):
             with log.timer("eval"):
-                scores = held_out_eval(model, eval_fn, step + 1, device)
+                scores = held_out_eval(a, eval_fn, step + 1, device)
             eval_keys |= set(scores)
             last.update(scores)
         stage.end_step(step + 1, last, kl_coef=kl_ctl.coef)

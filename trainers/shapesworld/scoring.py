@@ -50,14 +50,14 @@ def run_eval(
     batch_size: int = 16,
     eval_dir: str = "eval",
     out_path=None,
-    sets: Optional[Iterable[str]] = None,
+    only: Optional[Iterable[str]] = None,
 ) -> dict:
     """Generate answers for every eval set under ``data_root/eval_dir`` and score them.
 
     generate_fn(items) -> list[str]: items are dicts with "id", "image" (file name relative to the
     images folder), "question" (plain text; the caller renders and tokenizes), "category", "spec";
     called with at most ``batch_size`` items; identical (image, question) pairs are asked once.
-    max_items caps each eval set; ``sets`` names the ones to run (default: all of ``EVAL_SETS``).
+    max_items caps each eval set; ``only`` names the ones to run (default: all of ``EVAL_SETS``).
     Returns the results dict (also written to ``out_path`` as JSON).
     """
     root = Path(data_root)
@@ -67,7 +67,7 @@ def run_eval(
             "(write a dataset with shapesworld.dataset.write_dataset)"
         )
     scenes = load_scenes(root / "scenes.json")
-    wanted = EVAL_SETS if sets is None else list(sets)
+    wanted = EVAL_SETS if only is None else list(only)
     unknown = sorted(set(wanted) - set(EVAL_SETS))
     if unknown:
         raise ValueError(f"unknown eval sets {unknown} (known: {', '.join(EVAL_SETS)})")
