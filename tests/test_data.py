@@ -677,3 +677,15 @@ def test_preference_file_alone_gives_a_seeded_held_out_split(tok, root):
     assert split(0) == (t0, h0) and split(1)[1] != h0
     with pytest.raises(ValueError, match="rm.eval_size=30"):
         split(0, 30)
+
+
+def test_prefetch_memoizes_the_ids_of_one_call_per_piece(tok):
+    """The batched encode behind the preference loader gives each piece the ids one
+    ``tokenizer.encode`` call gives it (pieces around ``<image>``, stripped, as encode_segment)."""
+    texts = ["  A red circle.\nA blue square. ", "<image>\nWhat is here?", "Is it big?<image> No.", ""]
+    D.prefetch(tok, texts)
+    memo = D._memo(tok)
+    for piece in ("A red circle.\nA blue square.", "What is here?", "Is it big?", "No."):
+        assert memo[piece] == tuple(enc(tok, piece))
+    assert D.encode_segment(tok, texts[2], 2) == enc(tok, "Is it big?") + [tok.convert_tokens_to_ids("<image>")] * 2 \
+        + enc(tok, "No.")

@@ -246,6 +246,14 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):
     # vanilla RM trains too
     res2 = train_rm(micro_cfg(shared_data, out, "rm.fact_augmented=false", "rm.max_steps=2"))
     assert res2["fact_augmented"] is False
+    # eval_every 0 scores the held-out pairs once, after the last step (in the result); -1 never
+    for every, want in ((-1, False), (0, True)):
+        o = tmp_path / f"rm_eval{every}"
+        res_e = train_rm(micro_cfg(shared_data, o, "rm.max_steps=2", f"rm.eval_every={every}",
+                                   f"rm.base={out}/sft/final"))
+        rows = read_metrics(o / "rm" / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2] and not any("eval/acc" in r for r in rows)
+        assert ("eval/acc" in res_e) is want
 
 
 def test_sft_qlora_writes_peft_adapter_and_merged_checkpoint(shared_data, tmp_path):

@@ -119,7 +119,7 @@ class TrainLoopConfig(OptimConfig):
     max_steps: int = 0  # if > 0, overrides epochs
     batch_size: int = 8  # examples per forward pass and process
     grad_accum: int = 1  # forward passes per optimizer step (global batch = batch_size x grad_accum x processes)
-    eval_every: int = 50  # held-out eval every N steps (0 = only at the end, where the stage has one)
+    eval_every: int = 50  # held-out eval every N steps (0 = only at the end, where the stage has one; -1 = never)
 
 
 @dataclass

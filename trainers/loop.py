@@ -63,7 +63,7 @@ def supervised_loop(stage: Stage, loop, model: torch.nn.Module, params: list,
             last.update(eval_fn(step + 1))
             model.train()
         stage.end_step(step + 1, last)
-    if eval_fn is not None and not any(k.startswith("eval/") for k in last):
+    if eval_fn is not None and loop.eval_every >= 0 and not any(k.startswith("eval/") for k in last):
         last.update(eval_fn(steps))
     stage.finish(plot_keys)
     return {**last, "steps": steps}
