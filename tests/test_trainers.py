@@ -280,3 +280,22 @@ def test_sft_qlora_writes_peft_adapter_and_merged_checkpoint(shared_data, tmp_pa
     # transformers + peft read both outputs
     LlavaForConditionalGeneration.from_pretrained(str(merged))
     PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(str(out / "tiny_base")), str(adapter))
+
+
+def test_rm_scores_pairs_batched_by_length_in_the_order_given(monkeypatch):
+    """score_pairs batches pairs of similar length together; each score must still land on its pair."""
+    from factrl.trainers import rm as R
+    from factrl.trainers.data import PreferenceExample
+
+    seen = []
+
+    def fake_rewards(model, b):  # reward = the row's number of real tokens (+ 0.5 for the chosen side)
+        seen.append(b["chosen_input_ids"].shape)
+        return b["chosen_attention_mask"].sum(-1).float() + 0.5, b["rejected_attention_mask"].sum(-1).float()
+
+    monkeypatch.setattr(R, "pair_rewards", fake_rewards)
+    lens = [9, 2, 7, 2, 9, 4, 1]
+    pairs = [PreferenceExample([5] * n, [6] * (n - 1 or 1), None, bool(i % 2), str(i)) for i, n in enumerate(lens)]
+    out = R.score_pairs(torch.nn.Linear(1, 1), pairs, 3, 0, None, "cpu")
+    assert out == [(n + 0.5, max(n - 1, 1), bool(i % 2)) for i, n in enumerate(lens)]
+    assert [s[1] for s in seen] == [2, 9, 9]  # sorted batches of 1,2,2 | 4,7,9 | 9 tokens (in order: 9,7,9)

