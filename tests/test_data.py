@@ -14,6 +14,7 @@ from PIL import Image
 from factrl.model.tokenizer import build_tokenizer
 from factrl.trainers import data as D
 from factrl.trainers import rm_prompt
+from factrl.trainers.config import load_config
 
 NIT = 4  # image tokens per image in these tests
 SYS = D.SYSTEM_PROMPT
@@ -689,3 +690,14 @@ def test_prefetch_memoizes_the_ids_of_one_call_per_piece(tok):
         assert memo[piece] == tuple(enc(tok, piece))
     assert D.encode_segment(tok, texts[2], 2) == enc(tok, "Is it big?") + [tok.convert_tokens_to_ids("<image>")] * 2 \
         + enc(tok, "No.")
+
+
+def test_system_prompt_is_configurable_and_can_be_empty(tok, root):
+    """data.system_prompt: the first human turn opens with it; "" = the turn starts at "USER:"."""
+    e = D.load_sft(root / "sft.json", tok, NIT, 1000, system="")[2]  # the text-only record
+    assert e.input_ids == [tok.bos_token_id] + enc(tok, "USER: Hello there ASSISTANT:") + enc(tok, "Hi.") + [
+        tok.eos_token_id]
+    assert D.render_query(tok, "Hi?", NIT, False, system="") == [tok.bos_token_id] + enc(tok, "USER: Hi? ASSISTANT:")
+    assert D.render_query(tok, "Hi?", NIT, False) == [tok.bos_token_id] + enc(tok, f"{SYS} USER: Hi? ASSISTANT:")
+    assert load_config("tiny").data.system_prompt == "" and load_config("llava-v1.5-7b").data.system_prompt == SYS
+    assert SYS.startswith("A chat between a curious human and an artificial intelligence assistant.")

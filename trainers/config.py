@@ -71,6 +71,11 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
+# The conversation's system line in LLaVA's conv_vicuna_v1 template, which the recipe's models use
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
 @dataclass
 class DataConfig:
     # Folder holding the LLaVA-RLHF-format files below; for the tiny preset ShapesWorld writes
@@ -85,6 +90,9 @@ class DataConfig:
     eval_dir: str = "eval"  # held-out eval sets (ShapesWorld: POPE, MMHal-style, CHAIR)
     # RM prompt: original (the recipe's 4-criterion file, empty = it) | factrl (one short sentence) | a file path
     fact_template: str = ""
+    # The system line before the first "USER:" of every SFT, RM, PPO and eval sequence; "" = none
+    # (the tiny preset: the vicuna line is 29 of its ~88 tokens per SFT example)
+    system_prompt: str = VICUNA_SYSTEM
     max_seq_len: int = 256  # SFT / RM examples longer than this (tokens) are dropped and counted
     max_prompt_len: int = 128  # PPO prompts longer than this (text tokens) are dropped and counted
     image_aspect: str = "pad"  # pad (LLaVA: pad to square with the mean colour) | resize

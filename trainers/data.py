@@ -43,13 +43,11 @@ import torch
 
 from factrl.model.tiny import make_image_processor  # re-exported: the tiny checkpoint's processor
 from factrl.trainers import rm_prompt
+from factrl.trainers.config import VICUNA_SYSTEM
 
 log = logging.getLogger("factrl.data")
 
-SYSTEM_PROMPT = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
+SYSTEM_PROMPT = VICUNA_SYSTEM  # the default of data.system_prompt
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 CAPTION_TYPES = {1: None, 2: "A", 3: "B", 4: "C", 5: "D", 6: "no", 7: "yes"}
@@ -279,7 +277,7 @@ def _bos(tokenizer) -> list[int]:
 
 
 def _human_segment(human: str, first: bool, system: str) -> str:
-    return (f"{system} USER: " if first else "USER: ") + human.strip() + " ASSISTANT:"
+    return (f"{system} " if first and system else "") + "USER: " + human.strip() + " ASSISTANT:"
 
 
 def render_conversation(

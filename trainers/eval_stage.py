@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from factrl.trainers.config import Config
-from factrl.trainers.data import _record_id, pad, pad_mask, render_query
+from factrl.trainers.data import SYSTEM_PROMPT, _record_id, pad, pad_mask, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
 from factrl.trainers.setup import Assets, load_assets, stage_base
@@ -26,12 +26,13 @@ from factrl.trainers.shapesworld.scoring import blind_answers, run_eval
 from factrl.trainers.stage import Stage
 
 
-def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new_tokens: int, device):
-    """items → greedy answers, with ``adapter`` active (None = the base)."""
+def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new_tokens: int, device,
+                     system: str = SYSTEM_PROMPT):
+    """items → greedy answers, with ``adapter`` active (None = the base); ``system``: data.system_prompt."""
 
     @torch.no_grad()
     def generate(items: list[dict]) -> list[str]:
-        queries = [render_query(tok, it["question"], num_image_tokens, has_image=bool(it.get("image")))
+        queries = [render_query(tok, it["question"], num_image_tokens, bool(it.get("image")), system)
                    for it in items]
         ids = pad(queries, tok.pad_token_id, left=True).to(device)
         mask = pad_mask(queries, left=True).to(device)
@@ -109,7 +110,8 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
         adapters["ppo"] = "policy"
     rm = rm_eval(model, a, cfg, device) if adapters else {}
     gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
-                                   cfg.eval.max_new_tokens, device) for name, adapter in adapters.items()}
+                                   cfg.eval.max_new_tokens, device, cfg.data.system_prompt)
+            for name, adapter in adapters.items()}
     sft_file = a.data_root / cfg.data.sft_file
     if "blind" in columns and sft_file.is_file():  # the blind baseline needs the SFT answers
         with open(sft_file) as f:
@@ -134,7 +136,7 @@ def ppo_eval_fn(cfg: Config) -> Optional[Callable[[Assets, int], dict]]:
 
     def eval_fn(a: Assets, step: int) -> dict:
         gen = make_generate_fn(a.model, a.tokenizer, a.images, a.num_image_tokens, "policy",
-                               cfg.eval.max_new_tokens, a.model.embed_tokens.weight.device)
+                               cfg.eval.max_new_tokens, a.model.embed_tokens.weight.device, cfg.data.system_prompt)
         res = run_eval(gen, a.data_root, max_items=cfg.ppo.eval_items, progress=False,
                        batch_size=cfg.eval.batch_size, eval_dir=cfg.data.eval_dir,
                        only=("mmhal", "pope_adversarial"))

@@ -297,7 +297,7 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
     captions = load_captions(a.data_root / cfg.data.captions_file) if p.fact_augmented else None
     prompts = load_ppo_prompts(a.data_root / cfg.data.ppo_prompts_file, tok, a.num_image_tokens,
                                cfg.data.max_prompt_len, captions, skip_bad=cfg.data.skip_bad_records,
-                               image_folder=str(a.data_root / cfg.data.image_folder))
+                               image_folder=str(a.data_root / cfg.data.image_folder), system=cfg.data.system_prompt)
     st = prompts.stats
     print(f"[factrl] ppo: {st.n_loaded} prompts ({st.n_too_long} longer than max_prompt_len={cfg.data.max_prompt_len}"
           f" dropped, {st.n_skipped} bad skipped)")

@@ -43,7 +43,8 @@ def train_sft(cfg: Config) -> dict:
     a = load_assets(cfg, base, quantize=(mode == "qlora"), device=device)
     model, tok = a.model, a.tokenizer
     examples = load_sft(a.data_root / cfg.data.sft_file, tok, a.num_image_tokens, cfg.data.max_seq_len,
-                        skip_bad=cfg.data.skip_bad_records, image_folder=str(a.data_root / cfg.data.image_folder))
+                        skip_bad=cfg.data.skip_bad_records, image_folder=str(a.data_root / cfg.data.image_folder),
+                        system=cfg.data.system_prompt)
     st = examples.stats
     print(f"[factrl] sft: {st.n_loaded} examples from {st.file} ({st.n_too_long} too long, {st.n_skipped} skipped)")
 
