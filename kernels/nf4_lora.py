@@ -112,32 +112,39 @@ def _cfg(d, w, s):
     return triton.Config(d, num_warps=w, num_stages=s)
 
 
+# Hopper/Ampere: big out tiles for the compute-bound shapes, small-M tiles for short batches. At
+# launch the pruning drops what the device's shared memory cannot hold; compile_check.py compiles
+# every entry for sm_90 and sm_80 and reports shared memory, registers and spills.
+GPU_MM_CONFIGS = [
+    _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 128, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 256, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 64, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
+    _cfg({"BLOCK_M": 64, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 4),
+    _cfg({"BLOCK_M": 32, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
+]
+GPU_GEMV_CONFIGS = [_cfg({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
+                    for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
+                                         (128, 256, 8, 3), (32, 512, 4, 2), (16, 512, 4, 3)]]
+GPU_PROJ_CONFIGS = [_cfg({"BLOCK_M": bm, "BLOCK_L": bl}, w, s)
+                    for bm, bl, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)]]
 if TRITON_INTERPRET:  # one config: the interpreter would otherwise "benchmark" every candidate
     _MM_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_J": 64, "BLOCK_L": 64, "GROUP_M": 4}, 4, 1)]
     _GEMV_CONFIGS = [_cfg({"BLOCK_N": 64, "BLOCK_K": 64}, 4, 1)]
     _PROJ_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_L": 64}, 4, 1)]
-else:  # Hopper/Ampere: big out tiles for the compute-bound shapes, small-M tiles for short batches
-    _MM_CONFIGS = [
-        _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 128, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 256, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 64, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
-        _cfg({"BLOCK_M": 64, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 4),
-        _cfg({"BLOCK_M": 32, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
-    ]
-    _GEMV_CONFIGS = [_cfg({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
-                     for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
-                                          (128, 256, 8, 3), (32, 512, 4, 2), (16, 512, 4, 3)]]
-    _PROJ_CONFIGS = [_cfg({"BLOCK_M": bm, "BLOCK_L": bl}, w, s)
-                     for bm, bl, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)]]
+else:
+    _MM_CONFIGS, _GEMV_CONFIGS, _PROJ_CONFIGS = GPU_MM_CONFIGS, GPU_GEMV_CONFIGS, GPU_PROJ_CONFIGS
 
 
+# M_BUCKET (next power of two of M) is in the autotune keys so that short and long batches get
+# their own best config, but it is a plain argument the bodies never read, kept out of
+# specialization: as a constexpr each new bucket would compile every config again.
 @triton.autotune(configs=_PROJ_CONFIGS, key=["M_BUCKET", "L", "R_PAD", "GROUPED", "SPLIT_L"])
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _nf4_lora_proj_kernel(in_ptr, stride_im, stride_il, p_ptr, stride_pg, stride_pl, stride_pr,
-                          scale_ptr, ids_ptr, out_ptr, M, L, R,
-                          M_BUCKET: tl.constexpr, GROUPED: tl.constexpr, SPLIT_L: tl.constexpr,
+                          scale_ptr, ids_ptr, out_ptr, M, L, R, M_BUCKET,
+                          GROUPED: tl.constexpr, SPLIT_L: tl.constexpr,
                           DT: tl.constexpr, PREC: tl.constexpr, R_PAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[split, m, :] = s[g] * In[m, l-range] @ P[g][l-range, :], g = ids[m]; 0 where g = -1.
@@ -176,13 +183,13 @@ def _nf4_lora_proj_kernel(in_ptr, stride_im, stride_il, p_ptr, stride_pg, stride
 
 
 @triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "FWD", "HAS_LORA", "R_PAD"])
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _nf4_lora_mm_kernel(a_ptr, stride_am, stride_al,
                         qw_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
                         out_ptr, stride_om, stride_oj,
                         u_ptr, stride_um, lw_ptr, stride_lg, stride_lj, stride_lr, ids_ptr, bias_ptr,
-                        M, N, K, R,
-                        M_BUCKET: tl.constexpr, FWD: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
+                        M, N, K, R, M_BUCKET,
+                        FWD: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
                         HAS_LORA: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
                         DOT_DT: tl.constexpr, PREC: tl.constexpr, LORA_DT: tl.constexpr,
                         LORA_PREC: tl.constexpr, R_PAD: tl.constexpr,
@@ -395,8 +402,8 @@ def _project(inp, p, p_strides, scale, ids, r, dt, prec, split=1):
     out = new_output((split, m, r), torch.float32, inp.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split)  # noqa: E731
     _nf4_lora_proj_kernel[grid](inp, inp.stride(0), inp.stride(1), p, *p_strides, scale,
-                                ids if ids is not None else scale, out, m, l, r,
-                                M_BUCKET=_m_bucket(m), GROUPED=ids is not None, SPLIT_L=split, DT=dt,
+                                ids if ids is not None else scale, out, m, l, r, _m_bucket(m),
+                                GROUPED=ids is not None, SPLIT_L=split, DT=dt,
                                 PREC=prec, R_PAD=_r_pad(r), enable_fp_fusion=False)
     return out[0] if split == 1 else out.sum(0)
 
@@ -433,8 +440,8 @@ def nf4_matmul_fwd(x2, weight, us=None, lora_B=None, ids=None, bias=None):
     out = new_output((m, n), _store_dtype(x2.dtype), x2.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_J"]),)  # noqa: E731
     _nf4_lora_mm_kernel[grid](x2, x2.stride(0), x2.stride(1), *_wargs(weight),
-                              out, out.stride(0), out.stride(1), *largs, m, n, k, r,
-                              M_BUCKET=_m_bucket(m), FWD=True, **common)
+                              out, out.stride(0), out.stride(1), *largs, m, n, k, r, _m_bucket(m),
+                              FWD=True, **common)
     return out.to(x2.dtype)
 
 
@@ -458,8 +465,8 @@ def nf4_matmul_dx(dy, weight, vs=None, lora_A=None, ids=None, out_dtype=None):
     out = new_output((m, k), _store_dtype(out_dtype), dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_J"]),)  # noqa: E731
     _nf4_lora_mm_kernel[grid](dy, dy.stride(0), dy.stride(1), *_wargs(weight),
-                              out, out.stride(0), out.stride(1), *largs, m, n, k, r,
-                              M_BUCKET=_m_bucket(m), FWD=False, BS=weight.blocksize,
+                              out, out.stride(0), out.stride(1), *largs, m, n, k, r, _m_bucket(m),
+                              FWD=False, BS=weight.blocksize,
                               DQ=weight.double_quant, HAS_LORA=vs is not None, GROUPED=ids is not None,
                               HAS_BIAS=False, DOT_DT=dot_dt, PREC=prec, LORA_DT=lora_dt, LORA_PREC=lora_prec,
                               R_PAD=_r_pad(max(r, 1)), enable_fp_fusion=False)
