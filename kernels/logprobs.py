@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from factrl.kernels import _limits
 from factrl.kernels._backend import TRITON_INTERPRET, new_output, resolve_backend
 
 KL_ESTIMATORS = ("k1", "k1_clamp", "k2", "k3")
@@ -100,7 +101,14 @@ def _dz_tile(z, cols, t, lse, ez, glp, gent, HAS_GENT: tl.constexpr):
     return dz
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"])
+# Configs over the device's per-block shared memory (fp32 operands on sm_80) are dropped before
+# the autotuner compiles them (kernels/_limits.py).
+_PRUNE_FWD = _limits.pruner("_logprobs_fwd_kernel", "h_ptr", "w_ptr")
+_PRUNE_BWD = _limits.pruner("_logprobs_bwd_kernel", "h_ptr", "w_ptr")
+
+
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"],
+                 prune_configs_by={"early_config_prune": _PRUNE_FWD})
 @triton.jit
 def _logprobs_fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
                          N, V, H, stride_hn, stride_wv, v_per_split, inv_temp,
@@ -132,7 +140,8 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
     tl.store(zt_ptr + out, zt, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"],
+                 prune_configs_by={"early_config_prune": _PRUNE_BWD})
 @triton.jit
 def _logprobs_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dz_ptr,
                          N, V, H, stride_hn, stride_wv, stride_dz, inv_temp,

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from factrl.kernels import _limits
 from factrl.kernels._backend import TRITON_INTERPRET, new_output, resolve_backend
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4
 
@@ -137,10 +138,20 @@ else:
     _MM_CONFIGS, _GEMV_CONFIGS, _PROJ_CONFIGS = GPU_MM_CONFIGS, GPU_GEMV_CONFIGS, GPU_PROJ_CONFIGS
 
 
+# Configs over the device's per-block shared memory (big tiles on sm_80, fp32 operands) are dropped
+# before the autotuner compiles them (kernels/_limits.py).
+_PRUNE_MM = _limits.pruner("_nf4_lora_mm_kernel", "a_ptr", "lw_ptr",
+                           role=lambda a, kw: "fwd" if kw.get("FWD", a.get("FWD")) else "dx")
+_PRUNE_GEMV = _limits.pruner("_nf4_lora_gemv_kernel", "x_ptr", "lw_ptr")
+_PRUNE_PROJ = _limits.pruner("_nf4_lora_proj_kernel", "in_ptr", "p_ptr",
+                             role=lambda a, kw: "us" if a["stride_pl"] == 1 else "vs")
+
+
 # M_BUCKET (next power of two of M) is in the autotune keys so that short and long batches get
 # their own best config, but it is a plain argument the bodies never read, kept out of
 # specialization: as a constexpr each new bucket would compile every config again.
-@triton.autotune(configs=_PROJ_CONFIGS, key=["M_BUCKET", "L", "R_PAD", "GROUPED", "SPLIT_L"])
+@triton.autotune(configs=_PROJ_CONFIGS, key=["M_BUCKET", "L", "R_PAD", "GROUPED", "SPLIT_L"],
+                 prune_configs_by={"early_config_prune": _PRUNE_PROJ})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _nf4_lora_proj_kernel(in_ptr, stride_im, stride_il, p_ptr, stride_pg, stride_pl, stride_pr,
                           scale_ptr, ids_ptr, out_ptr, M, L, R, M_BUCKET,
@@ -182,7 +193,8 @@ def _nf4_lora_proj_kernel(in_ptr, stride_im, stride_il, p_ptr, stride_pg, stride
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "FWD", "HAS_LORA", "R_PAD"])
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "FWD", "HAS_LORA", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _PRUNE_MM})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _nf4_lora_mm_kernel(a_ptr, stride_am, stride_al,
                         qw_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
@@ -238,7 +250,8 @@ def _nf4_lora_mm_kernel(a_ptr, stride_am, stride_al,
              acc.to(out_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rj[:, None] < J))
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "HAS_LORA", "R_PAD"])
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "HAS_LORA", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _PRUNE_GEMV})
 @triton.jit
 def _nf4_lora_gemv_kernel(x_ptr, stride_xm, stride_xk,
                           qw_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,

@@ -75,3 +75,49 @@ def test_no_constexpr_goes_unused():
                 bad.append(f"{fname}:{fn.name}({a.arg})")
     assert not bad, f"constexpr parameters never read in the body: {bad}"
 
+
+class _FakeCuda:
+    """A CUDA tensor as the pruning sees it: a device index and an element width."""
+
+    is_cuda = True
+
+    def __init__(self, nbytes):
+        self.nbytes, self.device = nbytes, type("D", (), {"index": 0})()
+
+    def element_size(self):
+        return self.nbytes
+
+
+def test_pruning_drops_exactly_the_configs_over_the_device_limit(monkeypatch):
+    import triton
+
+    from factrl.kernels import _limits
+    from factrl.kernels import logprobs as LP
+    from factrl.kernels import nf4_lora as NL
+
+    mm = (NL._PRUNE_MM, NL.GPU_MM_CONFIGS, "_nf4_lora_mm_kernel")
+    cases = [(*mm, "dx", {"a_ptr": 4, "lw_ptr": 4}, {"FWD": False}),
+             (*mm, "fwd", {"a_ptr": 2, "lw_ptr": 4}, {"FWD": True}),
+             (NL._PRUNE_GEMV, NL.GPU_GEMV_CONFIGS, "_nf4_lora_gemv_kernel", "-", {"x_ptr": 4, "lw_ptr": 4}, {}),
+             (LP._PRUNE_FWD, [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_K=k), num_warps=w, num_stages=s)
+                              for n, v, k, w, s in LP._GEMM_CONFIGS],
+              "_logprobs_fwd_kernel", "-", {"h_ptr": 4, "w_ptr": 4}, {})]
+    dropped_on_sm80 = 0
+    for prune, configs, kernel, role, widths, kwargs in cases:
+        args = {k: _FakeCuda(n) for k, n in widths.items()}
+        a, b = widths.values()
+        for arch in (80, 90):
+            limit = _limits.SHARED_LIMIT[arch]
+            monkeypatch.setattr(_limits, "device_arch_and_limit", lambda i, arch=arch, limit=limit: (arch, limit))
+            sizes = [_limits.shared_bytes(kernel, role, c.kwargs, c.num_warps, c.num_stages, a, b, arch)
+                     for c in configs]
+            kept = prune(configs, args, **kwargs)
+            assert kept == [c for c, s in zip(configs, sizes) if s <= limit] or (
+                len(kept) == 1 and all(s > limit for s in sizes)), f"{kernel} sm_{arch}"
+            assert kept
+            dropped_on_sm80 += (len(configs) - len(kept)) if arch == 80 else 0
+    assert dropped_on_sm80 > 0  # fp32 operands: big tiles do not fit an A100's 163 KB
+    import torch
+
+    cpu = {"a_ptr": torch.zeros(1), "lw_ptr": torch.zeros(1)}  # the interpreter: nothing to prune
+    assert NL._PRUNE_MM(NL.GPU_MM_CONFIGS, cpu, FWD=True) == NL.GPU_MM_CONFIGS
