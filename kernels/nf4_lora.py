@@ -629,8 +629,8 @@ def _check_args(x, weight, lora_A, lora_B, scaling, bias, adapter_ids):
         raise TypeError("adapter_ids must be an integer tensor")
     if torch.is_tensor(scaling) and scaling.numel() not in (1, g):
         raise ValueError(f"scaling must be a float or have {g} entries")
-    if not adapter_ids.is_cuda and m:  # on the GPU this check would sync the device every call
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+    if m:  # an id outside -1..G-1 would read another tensor's memory in the kernels
+        lo, hi = (int(v) for v in torch.aminmax(adapter_ids))  # host ids: free; device ids: one sync
         if lo < -1 or hi >= g:
             raise ValueError(f"adapter_ids must lie in -1..{g - 1}, got {lo}..{hi}")
     return m, n, k, g, True
@@ -641,7 +641,8 @@ def nf4_lora(x, weight: NF4Weight, lora_A=None, lora_B=None, scaling=1.0, bias=N
     """``x (..., K) @ dequant(W)^T + scaling * (x @ A^T) @ B^T (+ bias)`` -> ``(..., N)`` in x.dtype.
 
     Single adapter: lora_A (r, K), lora_B (N, r). Grouped: lora_A (G, r, K), lora_B (G, N, r),
-    adapter_ids (M,) in -1..G-1 (-1 = base only), scaling float or (G,). Gradients flow to x,
+    adapter_ids (M,) in -1..G-1 (-1 = base only; checked before any launch, so pass them on the host:
+    ids on the GPU cost one device sync per call), scaling float or (G,). Gradients flow to x,
     lora_A, lora_B; never to W; bias is frozen. backend None: triton on CUDA, torch on CPU.
     """
     m, n, k, g, grouped = _check_args(x, weight, lora_A, lora_B, scaling, bias, adapter_ids)

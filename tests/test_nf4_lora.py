@@ -234,9 +234,22 @@ def test_argument_errors():
         nf4_lora(x, w, a[None], b[None], backend="triton")
     with pytest.raises(ValueError):  # frozen bias only
         nf4_lora(x, w, a, b, bias=torch.zeros(123, device=DEV, requires_grad=True), backend="triton")
-    if not CUDA:
-        with pytest.raises(ValueError):  # ids out of range (checked on CPU tensors)
-            nf4_lora(x, w, a[None], b[None], adapter_ids=torch.full((7,), 1), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("ids_on", ["host", "device"])
+@pytest.mark.parametrize("bad", [-2, 2, 7])
+def test_adapter_ids_checked_before_launch(backend, ids_on, bad):
+    # An id outside -1..G-1 would make the kernels read another tensor's memory: it is refused
+    # before any launch, whether the ids live on the host (free) or on the device (one sync).
+    x, w, a, b, s, bias, ids = _make(9, 192, 123, 8, g=2, ids=[0, 1, -1, 0, 1, 1, 0, -1, 0])
+    ids = ids.clone()
+    ids[4] = bad
+    ids = ids.cpu() if ids_on == "host" else ids.to(DEV)
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in -1\.\.1"):
+        nf4_lora(x, w, a, b, s, adapter_ids=ids, backend=backend)
+    ids[4] = 1  # in range again: the same call runs
+    assert nf4_lora(x, w, a, b, s, adapter_ids=ids, backend=backend).shape == (9, 123)
 
 
 # ------------------------------------------------------------------------------------------
