@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 ARGS    ?=
 
-.PHONY: install test train train-sft train-rm train-ppo eval experiment bench lint clean
+.PHONY: install test compile-check train train-sft train-rm train-ppo eval experiment bench lint clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest tests -p no:cacheprovider
+
+# every kernel x every flag x every autotune config compiled for sm_90 and sm_80 (no GPU; ~20 min on 2 cores)
+compile-check: install
+	$(BIN)/python -m pytest tests/test_compile.py -p no:cacheprovider --slow -k full_sweep
 
 lint: install
 	$(BIN)/ruff check kernels model trainers benchmarks tests

@@ -84,18 +84,21 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     return max(0, _rss_bytes("VmHWM") - base)
 
 
-def write_results(op: str, rows: list[dict], extra: dict | None = None) -> dict:
-    """Append rows to results/<op>-<device>.jsonl; return the summary object (print it last)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(op: str, rows: list[dict], extra: dict | None = None, results_dir: Path | None = None) -> dict:
+    """Append rows to results/<op>-<device>.jsonl (or ``results_dir``); return the summary object
+    (print it last)."""
+    results_dir = Path(results_dir) if results_dir is not None else RESULTS
+    results_dir.mkdir(parents=True, exist_ok=True)
     meta = {"op": op, "device": device_name(), "git_sha": git_sha(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__}
     dev = meta["device"].replace(" ", "_").replace("/", "_")
-    path = RESULTS / f"{op}-{dev}.jsonl"
+    path = results_dir / f"{op}-{dev}.jsonl"
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps({**meta, **r}) + "\n")
-    return {**meta, **(extra or {}), "rows": len(rows), "file": str(path.relative_to(RESULTS.parent.parent))}
+    shown = path.relative_to(RESULTS.parent.parent) if path.is_relative_to(RESULTS.parent.parent) else path
+    return {**meta, **(extra or {}), "rows": len(rows), "file": str(shown)}
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

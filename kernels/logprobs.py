@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from factrl.kernels import _limits
 from factrl.kernels._backend import TRITON_INTERPRET, new_output, resolve_backend
 
 KL_ESTIMATORS = ("k1", "k1_clamp", "k2", "k3")
@@ -56,15 +57,18 @@ _GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
 def _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_wv,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """z[BLOCK_N, BLOCK_V] = hidden[rows] @ weight[cols].T, fp32 accumulation (unscaled)."""
+    """z[BLOCK_N, BLOCK_V] = hidden[rows] @ weight[cols].T, fp32 accumulation (unscaled).
+
+    Row offsets are int64: rows * stride passes 2**31 once N * H does (a whole 7B rollout batch,
+    512 sequences x 1600 tokens at H = 4096, is 3.4e9), or a row-strided view's stride is large."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    h_rows = h_ptr + rows[:, None].to(tl.int64) * stride_hn  # (BN, 1) row starts
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv  # (BV, 1)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        h = tl.load(h_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # mixed dtypes, or bf16 under the interpreter (its bf16 dot is wrong)
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -100,7 +104,14 @@ def _dz_tile(z, cols, t, lse, ez, glp, gent, HAS_GENT: tl.constexpr):
     return dz
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"])
+# Configs over the device's per-block shared memory (fp32 operands on sm_80) are dropped before
+# the autotuner compiles them (kernels/_limits.py).
+_PRUNE_FWD = _limits.pruner("_logprobs_fwd_kernel", "h_ptr", "w_ptr")
+_PRUNE_BWD = _limits.pruner("_logprobs_bwd_kernel", "h_ptr", "w_ptr")
+
+
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"],
+                 prune_configs_by={"early_config_prune": _PRUNE_FWD})
 @triton.jit
 def _logprobs_fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
                          N, V, H, stride_hn, stride_wv, v_per_split, inv_temp,
@@ -132,7 +143,8 @@ def _logprobs_fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
     tl.store(zt_ptr + out, zt, mask=row_ok)
 
 
-@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"])
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, (16, 1024, 64)), key=["H", "V"],
+                 prune_configs_by={"early_config_prune": _PRUNE_BWD})
 @triton.jit
 def _logprobs_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr, dz_ptr,
                          N, V, H, stride_hn, stride_wv, stride_dz, inv_temp,
@@ -154,7 +166,7 @@ def _logprobs_bwd_kernel(h_ptr, w_ptr, t_ptr, lse_ptr, ez_ptr, glp_ptr, gent_ptr
         ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
         gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
     dz = _dz_tile(z, cols, t, lse, ez, glp, gent, HAS_GENT) * inv_temp
-    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + rows[:, None].to(tl.int64) * stride_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -204,10 +216,16 @@ def _check_gemm_inputs(hidden, weight, targets):
             raise TypeError(f"triton backend supports fp32/fp16/bf16, got {x.dtype}")
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take a row stride but need unit stride along H: a row-strided view (a slice of
+    a larger buffer) is used as it is, without a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def logprobs_fwd_triton(hidden, weight, targets, inv_temp: float, n_split: int | None = None):
     """hidden [N, H], weight [V, H], targets [N] int -> (target logit, lse, E[z], entropy) [N] fp32."""
     _check_gemm_inputs(hidden, weight, targets)
-    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    hidden, weight, targets = _rows(hidden), _rows(weight), targets.contiguous()
     (N, H), V = hidden.shape, weight.shape[0]
     n_split = n_split or _n_split(N, V, 64, hidden.device)
     v_per_split, n_split, (m, s, a, zt) = _split_partials(N, V, n_split, hidden.device)
@@ -223,7 +241,7 @@ def logprobs_bwd_triton(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp:
     """(d hidden [N, H] in hidden's dtype, d weight [V, H] in weight's dtype or None). g_lp/g_ent [N]
     fp32 already zero on ignored rows; g_ent may be None. dz is materialized one token chunk at a time
     ([chunk, V] in the weight's dtype); d weight (only for a trainable head) sums dz.T @ h in fp32."""
-    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+    hidden, weight, targets = _rows(hidden), _rows(weight), targets.contiguous()
     (N, H), V = hidden.shape, weight.shape[0]
     upcast, precision = _gemm_flags(hidden, weight)
     has_gent = g_ent is not None

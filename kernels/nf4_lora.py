@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from factrl.kernels import _limits
 from factrl.kernels._backend import TRITON_INTERPRET, new_output, resolve_backend
 from factrl.kernels.nf4 import NF4Weight, dequantize_nf4
 
@@ -112,32 +113,49 @@ def _cfg(d, w, s):
     return triton.Config(d, num_warps=w, num_stages=s)
 
 
+# Hopper/Ampere: big out tiles for the compute-bound shapes, small-M tiles for short batches. At
+# launch the pruning drops what the device's shared memory cannot hold; compile_check.py compiles
+# every entry for sm_90 and sm_80 and reports shared memory, registers and spills.
+GPU_MM_CONFIGS = [
+    _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 128, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 256, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 8, 3),
+    _cfg({"BLOCK_M": 64, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
+    _cfg({"BLOCK_M": 64, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 4),
+    _cfg({"BLOCK_M": 32, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
+]
+GPU_GEMV_CONFIGS = [_cfg({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
+                    for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
+                                         (128, 256, 8, 3), (32, 512, 4, 2), (16, 512, 4, 3)]]
+GPU_PROJ_CONFIGS = [_cfg({"BLOCK_M": bm, "BLOCK_L": bl}, w, s)
+                    for bm, bl, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)]]
 if TRITON_INTERPRET:  # one config: the interpreter would otherwise "benchmark" every candidate
     _MM_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_J": 64, "BLOCK_L": 64, "GROUP_M": 4}, 4, 1)]
     _GEMV_CONFIGS = [_cfg({"BLOCK_N": 64, "BLOCK_K": 64}, 4, 1)]
     _PROJ_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_L": 64}, 4, 1)]
-else:  # Hopper/Ampere: big out tiles for the compute-bound shapes, small-M tiles for short batches
-    _MM_CONFIGS = [
-        _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 128, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 256, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 8, 3),
-        _cfg({"BLOCK_M": 64, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
-        _cfg({"BLOCK_M": 64, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 4),
-        _cfg({"BLOCK_M": 32, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
-    ]
-    _GEMV_CONFIGS = [_cfg({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
-                     for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
-                                          (128, 256, 8, 3), (32, 512, 4, 2), (16, 512, 4, 3)]]
-    _PROJ_CONFIGS = [_cfg({"BLOCK_M": bm, "BLOCK_L": bl}, w, s)
-                     for bm, bl, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)]]
+else:
+    _MM_CONFIGS, _GEMV_CONFIGS, _PROJ_CONFIGS = GPU_MM_CONFIGS, GPU_GEMV_CONFIGS, GPU_PROJ_CONFIGS
 
 
-@triton.autotune(configs=_PROJ_CONFIGS, key=["M_BUCKET", "L", "R_PAD", "GROUPED", "SPLIT_L"])
-@triton.jit
+# Configs over the device's per-block shared memory (big tiles on sm_80, fp32 operands) are dropped
+# before the autotuner compiles them (kernels/_limits.py).
+_PRUNE_MM = _limits.pruner("_nf4_lora_mm_kernel", "a_ptr", "lw_ptr",
+                           role=lambda a, kw: "fwd" if kw.get("FWD", a.get("FWD")) else "dx")
+_PRUNE_GEMV = _limits.pruner("_nf4_lora_gemv_kernel", "x_ptr", "lw_ptr")
+_PRUNE_PROJ = _limits.pruner("_nf4_lora_proj_kernel", "in_ptr", "p_ptr",
+                             role=lambda a, kw: "us" if a["stride_pl"] == 1 else "vs")
+
+
+# M_BUCKET (next power of two of M) is in the autotune keys so that short and long batches get
+# their own best config, but it is a plain argument the bodies never read, kept out of
+# specialization: as a constexpr each new bucket would compile every config again.
+@triton.autotune(configs=_PROJ_CONFIGS, key=["M_BUCKET", "L", "R_PAD", "GROUPED", "SPLIT_L"],
+                 prune_configs_by={"early_config_prune": _PRUNE_PROJ})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _nf4_lora_proj_kernel(in_ptr, stride_im, stride_il, p_ptr, stride_pg, stride_pl, stride_pr,
-                          scale_ptr, ids_ptr, out_ptr, M, L, R,
-                          M_BUCKET: tl.constexpr, GROUPED: tl.constexpr, SPLIT_L: tl.constexpr,
+                          scale_ptr, ids_ptr, out_ptr, M, L, R, M_BUCKET,
+                          GROUPED: tl.constexpr, SPLIT_L: tl.constexpr,
                           DT: tl.constexpr, PREC: tl.constexpr, R_PAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """out[split, m, :] = s[g] * In[m, l-range] @ P[g][l-range, :], g = ids[m]; 0 where g = -1.
@@ -175,14 +193,15 @@ def _nf4_lora_proj_kernel(in_ptr, stride_im, stride_il, p_ptr, stride_pg, stride
              mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "FWD", "HAS_LORA", "R_PAD"])
-@triton.jit
+@triton.autotune(configs=_MM_CONFIGS, key=["M_BUCKET", "N", "K", "FWD", "HAS_LORA", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _PRUNE_MM})
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _nf4_lora_mm_kernel(a_ptr, stride_am, stride_al,
                         qw_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
                         out_ptr, stride_om, stride_oj,
                         u_ptr, stride_um, lw_ptr, stride_lg, stride_lj, stride_lr, ids_ptr, bias_ptr,
-                        M, N, K, R,
-                        M_BUCKET: tl.constexpr, FWD: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
+                        M, N, K, R, M_BUCKET,
+                        FWD: tl.constexpr, BS: tl.constexpr, DQ: tl.constexpr,
                         HAS_LORA: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
                         DOT_DT: tl.constexpr, PREC: tl.constexpr, LORA_DT: tl.constexpr,
                         LORA_PREC: tl.constexpr, R_PAD: tl.constexpr,
@@ -231,7 +250,8 @@ def _nf4_lora_mm_kernel(a_ptr, stride_am, stride_al,
              acc.to(out_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rj[:, None] < J))
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "HAS_LORA", "R_PAD"])
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K", "SPLIT_K", "HAS_LORA", "R_PAD"],
+                 prune_configs_by={"early_config_prune": _PRUNE_GEMV})
 @triton.jit
 def _nf4_lora_gemv_kernel(x_ptr, stride_xm, stride_xk,
                           qw_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
@@ -395,8 +415,8 @@ def _project(inp, p, p_strides, scale, ids, r, dt, prec, split=1):
     out = new_output((split, m, r), torch.float32, inp.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split)  # noqa: E731
     _nf4_lora_proj_kernel[grid](inp, inp.stride(0), inp.stride(1), p, *p_strides, scale,
-                                ids if ids is not None else scale, out, m, l, r,
-                                M_BUCKET=_m_bucket(m), GROUPED=ids is not None, SPLIT_L=split, DT=dt,
+                                ids if ids is not None else scale, out, m, l, r, _m_bucket(m),
+                                GROUPED=ids is not None, SPLIT_L=split, DT=dt,
                                 PREC=prec, R_PAD=_r_pad(r), enable_fp_fusion=False)
     return out[0] if split == 1 else out.sum(0)
 
@@ -433,8 +453,8 @@ def nf4_matmul_fwd(x2, weight, us=None, lora_B=None, ids=None, bias=None):
     out = new_output((m, n), _store_dtype(x2.dtype), x2.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_J"]),)  # noqa: E731
     _nf4_lora_mm_kernel[grid](x2, x2.stride(0), x2.stride(1), *_wargs(weight),
-                              out, out.stride(0), out.stride(1), *largs, m, n, k, r,
-                              M_BUCKET=_m_bucket(m), FWD=True, **common)
+                              out, out.stride(0), out.stride(1), *largs, m, n, k, r, _m_bucket(m),
+                              FWD=True, **common)
     return out.to(x2.dtype)
 
 
@@ -458,8 +478,8 @@ def nf4_matmul_dx(dy, weight, vs=None, lora_A=None, ids=None, out_dtype=None):
     out = new_output((m, k), _store_dtype(out_dtype), dy.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_J"]),)  # noqa: E731
     _nf4_lora_mm_kernel[grid](dy, dy.stride(0), dy.stride(1), *_wargs(weight),
-                              out, out.stride(0), out.stride(1), *largs, m, n, k, r,
-                              M_BUCKET=_m_bucket(m), FWD=False, BS=weight.blocksize,
+                              out, out.stride(0), out.stride(1), *largs, m, n, k, r, _m_bucket(m),
+                              FWD=False, BS=weight.blocksize,
                               DQ=weight.double_quant, HAS_LORA=vs is not None, GROUPED=ids is not None,
                               HAS_BIAS=False, DOT_DT=dot_dt, PREC=prec, LORA_DT=lora_dt, LORA_PREC=lora_prec,
                               R_PAD=_r_pad(max(r, 1)), enable_fp_fusion=False)
@@ -609,8 +629,8 @@ def _check_args(x, weight, lora_A, lora_B, scaling, bias, adapter_ids):
         raise TypeError("adapter_ids must be an integer tensor")
     if torch.is_tensor(scaling) and scaling.numel() not in (1, g):
         raise ValueError(f"scaling must be a float or have {g} entries")
-    if not adapter_ids.is_cuda and m:  # on the GPU this check would sync the device every call
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+    if m:  # an id outside -1..G-1 would read another tensor's memory in the kernels
+        lo, hi = (int(v) for v in torch.aminmax(adapter_ids))  # host ids: free; device ids: one sync
         if lo < -1 or hi >= g:
             raise ValueError(f"adapter_ids must lie in -1..{g - 1}, got {lo}..{hi}")
     return m, n, k, g, True
@@ -621,7 +641,8 @@ def nf4_lora(x, weight: NF4Weight, lora_A=None, lora_B=None, scaling=1.0, bias=N
     """``x (..., K) @ dequant(W)^T + scaling * (x @ A^T) @ B^T (+ bias)`` -> ``(..., N)`` in x.dtype.
 
     Single adapter: lora_A (r, K), lora_B (N, r). Grouped: lora_A (G, r, K), lora_B (G, N, r),
-    adapter_ids (M,) in -1..G-1 (-1 = base only), scaling float or (G,). Gradients flow to x,
+    adapter_ids (M,) in -1..G-1 (-1 = base only; checked before any launch, so pass them on the host:
+    ids on the GPU cost one device sync per call), scaling float or (G,). Gradients flow to x,
     lora_A, lora_B; never to W; bias is frozen. backend None: triton on CUDA, torch on CPU.
     """
     m, n, k, g, grouped = _check_args(x, weight, lora_A, lora_B, scaling, bias, adapter_ids)

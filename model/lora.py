@@ -142,8 +142,10 @@ class LoRALinear(nn.Module):
         from factrl.kernels.nf4_lora import nf4_lora
 
         T = x.shape[1]
+        # Built and left on the host: nf4_lora range-checks host ids without a device sync, then
+        # moves them to x's device.
         ids = torch.cat([torch.full((rows * T,), uniq.index(n) if n in uniq else -1, dtype=torch.int32)
-                         for n, rows in segments]).to(x.device)
+                         for n, rows in segments])
         A = torch.stack([self.adapters[n].lora_A for n in uniq])  # (G, r, in)
         B = torch.stack([self.adapters[n].lora_B for n in uniq])  # (G, out, r)
         s = torch.tensor([self.adapters[n].scaling for n in uniq], device=x.device)

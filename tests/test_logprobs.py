@@ -344,3 +344,47 @@ def test_gpu_peak_memory_below_naive():
     ours = peak(lambda h, w, t: L.token_logprobs(h, w, t))
     naive = peak(lambda h, w, t: L._logprobs_of_logits((h @ w.T), t))
     assert ours * 8 <= naive, (ours, naive)
+
+
+# ------------------------------------------------------------------ 64-bit offsets: rows * stride > 2**31
+_BIG_STRIDE = 2 ** 30 + 64  # fits int32; row 2 then starts 2**31 + 128 elements in
+
+
+def _sparse_rows(tmp_path, name, rows, stride):
+    """``rows`` (n, H) as a view with row stride ``stride`` into a sparse file: gigabytes of
+    address space, only the written pages exist. The view starts 2**31 elements in, so an offset
+    that wrapped around int32 lands inside the file (zeros): a wrong result, not a crash."""
+    n, H = rows.shape
+    start = 2 ** 31
+    size = start + (n - 1) * stride + H
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        f.truncate(size * rows.element_size())
+    store = torch.from_file(str(path), shared=True, size=size, dtype=rows.dtype)
+    path.unlink()  # the mapping stays; nothing is left on disk
+    view = store.as_strided((n, H), (stride, 1), start)
+    view.copy_(rows)
+    return view
+
+
+@pytest.mark.skipif(not _backend.TRITON_INTERPRET, reason="interpreter only: on a GPU the views need 30 GB")
+def test_logit_tile_offsets_are_64_bit(tmp_path):
+    # hidden, weight and dz rows 2**30 elements apart: rows * stride passes 2**31 from row 2 on, in
+    # _logit_tile's hidden and weight loads (forward and backward) and in the backward dz store.
+    N, H, V = 4, 64, 4
+    hidden, weight, targets = _inputs(N, H, V, torch.float16)
+    h_big = _sparse_rows(tmp_path, "h", hidden, _BIG_STRIDE)
+    w_big = _sparse_rows(tmp_path, "w", weight, _BIG_STRIDE)
+    want = L.logprobs_fwd_triton(hidden, weight, targets, 1.0, n_split=1)
+    got = L.logprobs_fwd_triton(h_big, w_big, targets, 1.0, n_split=1)
+    for name, a, b in zip(("target logit", "lse", "E[z]", "entropy"), got, want):
+        assert torch.equal(a, b), f"forward {name} differs with large row strides"
+    lse, ez = want[1], want[2]
+    g_lp, g_ent = torch.randn(N), torch.randn(N)
+    dz_want = torch.zeros(N, V, dtype=torch.float16)
+    dz_big = _sparse_rows(tmp_path, "dz", dz_want, _BIG_STRIDE)
+    for h, w, dz in ((hidden, weight, dz_want), (h_big, w_big, dz_big)):
+        L._logprobs_bwd_kernel[(1, 1)](h, w, targets, lse, ez, g_lp, g_ent, dz, N, V, H, h.stride(0), w.stride(0),
+                                       dz.stride(0), 1.0, HAS_GENT=True, UPCAST=False, PRECISION="tf32")
+    assert torch.isfinite(dz_want).all() and dz_want.abs().sum() > 0
+    assert torch.equal(dz_big, dz_want), "backward dz differs with large row strides"
