@@ -293,6 +293,10 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | path to a checkpoint directory
     progress: bool = True  # progress bars
+    # Where metrics go besides metrics.jsonl: tensorboard | wandb | tensorboard,wandb | none. wandb is
+    # an optional extra (pip install 'factrl[wandb]') and runs offline (WANDB_MODE=offline unless set).
+    report_to: str = "tensorboard"
+    wandb_project: str = "factrl"  # the wandb project a run logs to
 
 
 @dataclass
