@@ -87,3 +87,17 @@ def test_a_stage_logs_where_run_report_to_says(tmp_path, report_to):
     stage.log.close()
     assert (tmp_path / "probe" / "tb").is_dir() == (report_to == "tensorboard")
     assert read_metrics(tmp_path / "probe" / "metrics.jsonl")[0]["loss"] == 1.0
+
+
+def test_real_wandb_offline_run(tmp_path, monkeypatch):
+    """With the optional extra installed: an offline run directory with the logged rows (no network)."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = Logger(tmp_path / "run" / "rm", 2, "rm", progress=False, report_to="wandb", run_config={"rm": {"lr": 0.1}})
+    log.log(1, {"loss": 0.7})
+    log.log(2, {"loss": 0.6, "eval/acc": 0.5})
+    log.close()
+    runs = list((tmp_path / "run" / "rm" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the run's log, for `wandb sync` later
+    assert not (tmp_path / "run" / "rm" / "tb").exists()
