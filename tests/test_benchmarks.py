@@ -241,6 +241,7 @@ def _coco(tmp_path):
     ann = [(1, 1), (1, 18), (1, 18), (2, 3), (2, 67), (3, 62)]  # (image_id, category_id)
     inst = {"images": images, "categories": cats,
             "annotations": [{"id": k, "image_id": i, "category_id": c} for k, (i, c) in enumerate(ann)]}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "instances_val2014.json").write_text(json.dumps(inst))
     caps = {"annotations": [{"id": 1, "image_id": 3, "caption": "A cat sleeping on a wooden chair."}]}
     (tmp_path / "captions_val2014.json").write_text(json.dumps(caps))
@@ -332,24 +333,37 @@ def test_shapesworld_pope_export_scores_as_the_builtin_scorer(tmp_path):
 
 
 # ---- the command line on a tiny llava-hf checkpoint -------------------------------------------------------
-def test_factrl_eval_benchmark_pope_runs_on_a_tiny_checkpoint(tmp_path, capsys):
-    from PIL import Image
-
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
     from factrl.model.tiny import build_tiny_checkpoint
-    from factrl.trainers.cli import main
     from factrl.trainers.config import TinyModelConfig
 
-    files, _ = _pope_files(tmp_path)
-    (tmp_path / "pope" / "images").mkdir()
-    for i, name in enumerate(("a.jpg", "b.jpg", "c.jpg", "d.jpg")):
-        Image.new("RGB", (64, 40), (60 * i, 200 - 40 * i, 90)).save(tmp_path / "pope" / "images" / name)
     tiny = load_config("tiny", MICRO_MODEL).model.tiny
     texts = ["USER: Is there a dog in the image? ASSISTANT: Yes, there is a dog.", "No, there is no cat."] * 5
-    ckpt = build_tiny_checkpoint(tmp_path / "ckpt", TinyModelConfig(**{**tiny.__dict__, "vision_pretrain_steps": 0}),
-                                 texts)
-    rc = main(["eval", "--benchmark", "pope", *MICRO_MODEL, f"model.checkpoint={ckpt}",
-               f"eval.pope.folder={tmp_path / 'pope'}", "eval.pope.splits=[random,adversarial]",
-               f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "eval.max_new_tokens=5", "eval.batch_size=3"])
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", TinyModelConfig(**tiny.__dict__), texts)
+
+
+def _images(folder, names):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):  # not square: the loader pads them as LLaVA does
+        Image.new("RGB", (64, 40), (60 * i % 256, 200 - 40 * i % 200, 90)).save(folder / name)
+
+
+def _eval_cli(benchmark, ckpt, tmp_path, *extra):
+    from factrl.trainers.cli import main
+
+    return main(["eval", "--benchmark", benchmark, *MICRO_MODEL, f"model.checkpoint={ckpt}",
+                 f"run.out_dir={tmp_path / 'run'}", "run.device=cpu", "eval.max_new_tokens=5", "eval.batch_size=3",
+                 *extra])
+
+
+def test_factrl_eval_benchmark_pope_runs_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
+    files, _ = _pope_files(tmp_path)
+    _images(tmp_path / "pope" / "images", ("a.jpg", "b.jpg", "c.jpg", "d.jpg"))
+    rc = _eval_cli("pope", tiny_ckpt, tmp_path, f"eval.pope.folder={tmp_path / 'pope'}",
+                   "eval.pope.splits=[random,adversarial]")
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "run" / "eval" / "pope"
@@ -362,6 +376,47 @@ def test_factrl_eval_benchmark_pope_runs_on_a_tiny_checkpoint(tmp_path, capsys):
         assert summary["sft"][split]["n"] == len(labels)
     assert "POPE F1 random" in (out / "table.txt").read_text()
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_factrl_eval_benchmark_mmhal_and_chair_run_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, judge, capsys):
+    # MMHal-Bench: responses written, then judged on loopback
+    folder = _mmhal_folder(tmp_path)
+    _images(folder / "images", [f"a{i}.jpg" for i in range(4)])
+    assert _eval_cli("mmhal", tiny_ckpt, tmp_path, f"eval.mmhal.folder={folder}") == 0
+    out = tmp_path / "run" / "eval" / "mmhal"
+    responses = json.loads((out / "responses_sft.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "model_answer"} for r in responses] == MMHAL
+    assert all(isinstance(r["model_answer"], str) for r in responses)
+    assert "no judge configured" in capsys.readouterr().out
+    url, server = judge
+    # the command it prints: the written file judged as it is, without a model
+    assert _eval_cli("mmhal", "unused", tmp_path, f"eval.mmhal.responses={out / 'responses_sft.json'}",
+                     f"eval.judge.base_url={url}") == 0
+    assert len(server.requests) == 4 and (out / "reviews_sft.json").is_file()
+    assert json.loads((out / "responses_sft.json").read_text()) == responses
+    server.requests.clear()
+    assert _eval_cli("mmhal", tiny_ckpt, tmp_path, f"eval.mmhal.folder={folder}", f"eval.judge.base_url={url}",
+                     "eval.max_items=2") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sft"]
+    assert len(server.requests) == 2 and (summary["score"], summary["n"]) == (3.5, 2)  # ratings 5 and 2
+    assert server.requests[1][2]["messages"][0]["content"].endswith(
+        f"### LMM Response to Evaluate\n{json.loads((out / 'responses_sft.json').read_text())[1]['model_answer']}\n")
+
+    # CHAIR: descriptions of the listed images, scored against the annotations
+    inst, caps = _coco(tmp_path / "coco")
+    _images(tmp_path / "coco" / "val2014", [f"COCO_val2014_{i:012d}.jpg" for i in (1, 2, 3)])
+    (tmp_path / "ids.json").write_text("[3, 1]")
+    assert _eval_cli("chair", tiny_ckpt, tmp_path, f"eval.chair.annotations={inst}", f"eval.chair.captions={caps}",
+                     f"eval.chair.image_folder={tmp_path / 'coco' / 'val2014'}",
+                     f"eval.chair.image_ids={tmp_path / 'ids.json'}") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sft"]
+    written = tmp_path / "run" / "eval" / "chair" / "captions_sft.jsonl"
+    lines = [json.loads(s) for s in written.read_text().splitlines()]
+    assert [x["image_id"] for x in lines] == [3, 1] and summary["n"] == 2
+    objects, _ = B.coco_objects(B.Chair(), inst, caps)
+    again = B.score_chair(B.Chair(), [(x["image_id"], x["caption"]) for x in lines], objects)
+    keys = ("chair_i", "chair_s", "recall", "n_mentions")
+    assert {k: summary[k] for k in keys} == {k: again[k] for k in keys}
 
 
 def test_benchmark_config_errors_name_the_key(tmp_path):

@@ -180,8 +180,9 @@ def evaluate_benchmark(cfg: Config, columns=("sft", "ppo")) -> dict:
         run = lambda gen, col: bench.run_pope(gen, files, e.pope.suffix, e.max_items or None, e.batch_size,  # noqa: E731
                                               cfg.run.progress, out, col)
     elif name == "mmhal":
-        if e.mmhal.responses:  # 1b. judge a responses file written before: no model
-            return _judge_mmhal(cfg, {Path(e.mmhal.responses).stem: bench.load_mmhal(e.mmhal.responses)}, out)
+        if e.mmhal.responses:  # 1b. judge a responses file written before (e.g. responses_sft.json): no model
+            col = Path(e.mmhal.responses).stem.removeprefix("responses_")
+            return _judge_mmhal(cfg, {col: bench.load_mmhal(e.mmhal.responses)}, out)
         if not e.mmhal.folder:
             raise ConfigError("MMHal-Bench needs eval.mmhal.folder (response_template.json + images/) "
                               "or eval.mmhal.responses (a responses file to judge)")
