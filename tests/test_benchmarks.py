@@ -269,7 +269,8 @@ def test_chair_on_hand_made_annotations(tmp_path):
     answers = {(names[i], B.CHAIR_PROMPT): d for i, d in DESCRIPTIONS.items()}
     (tmp_path / "ids.txt").write_text("1\n2\n3\n")
     ids = B.read_image_ids(tmp_path / "ids.txt")
-    assert ids == [1, 2, 3]
+    (tmp_path / "one.txt").write_text("42\n")
+    assert ids == [1, 2, 3] and B.read_image_ids(tmp_path / "one.txt") == [42]
 
     # with the captions (as the original): image 3 has a chair and a cat
     objects, files = B.coco_objects(chair, inst, caps)

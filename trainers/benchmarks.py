@@ -226,7 +226,8 @@ def chat_completion(base_url: str, model: str, prompt: str, api_key: str = "", t
             req = urllib.request.Request(url, data=body, headers=headers, method="POST")
             with urllib.request.urlopen(req, timeout=timeout_s) as r:
                 out = json.loads(r.read().decode())
-            out["choices"][0]["message"]["content"]  # noqa: B018 - fail here on a malformed reply
+            if not isinstance(out["choices"][0]["message"]["content"], str):  # a malformed reply fails here
+                raise ValueError(f"no text in the reply: {out['choices'][0]['message']!r}")
             return out
         except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as e:
             if attempt == retries:
@@ -399,9 +400,9 @@ def read_image_ids(path) -> list:
     try:
         ids = json.loads(text)
     except json.JSONDecodeError:
+        ids = None
+    if not isinstance(ids, list):  # not a JSON list (a one-line file "42" is JSON too): one id per line
         ids = [s.strip() for s in text.splitlines() if s.strip()]
-    if not isinstance(ids, list):
-        raise DataError(path, msg="expected a JSON list of image ids or one id per line")
     return [int(i) if isinstance(i, str) and i.isdigit() else i for i in ids]
 
 
