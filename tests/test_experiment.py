@@ -178,6 +178,40 @@ def test_eval_hook_runs_at_its_steps_is_logged_and_changes_nothing(sft_rm, tmp_p
     assert (tmp_path / "on" / "ppo" / "curves.png").is_file()
 
 
+def test_eval_hook_on_a_pope_split_logs_jsonl_tensorboard_and_curves(sft_rm, tmp_path):
+    """eval.ppo_set=pope_adversarial: the hook scores that split of official-format POPE files (here
+    ShapesWorld's export) every eval_every steps; at each eval the POPE path and the built-in
+    ShapesWorld scorer, asked the same items of the same policy, give the same numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from factrl.trainers.eval_stage import ppo_eval_fn
+    from factrl.trainers.logs import read_metrics
+    from factrl.trainers.ppo import train_ppo
+
+    data = sft_rm / "data"
+    pope = ["eval.ppo_set=pope_adversarial", f"eval.pope.folder={data}/eval/pope",
+            "eval.pope.file_pattern=pope_{split}.jsonl", f"eval.pope.image_folder={data}/images", "eval.pope.suffix="]
+    # one question at a time in both: the same prompt shapes, so the same greedy answers to compare
+    cfg = _ppo_cfg(sft_rm, tmp_path / "pope", "ppo.total_steps=1", "ppo.eval_every=1", "eval.batch_size=1", *pope)
+    official = ppo_eval_fn(cfg)
+    builtin = ppo_eval_fn(_ppo_cfg(sft_rm, tmp_path / "x", "ppo.eval_every=1", "eval.batch_size=1"))
+    both = lambda a, step: {**builtin(a, step), **{f"official/{k}": v for k, v in official(a, step).items()}}  # noqa: E731
+    train_ppo(cfg, eval_fn=both)
+    rows = read_metrics(tmp_path / "pope" / "ppo" / "metrics.jsonl")
+    keys = [f"eval/official/pope_{k}_adversarial" for k in ("accuracy", "f1", "yes_ratio")]
+    assert [r["step"] for r in rows if all(k in r for k in keys)] == [0, 1]
+    for r in rows:
+        if keys[1] in r:
+            assert r["eval/official/pope_f1_adversarial"] == r["eval/pope_f1_adversarial"]
+            assert r["eval/official/pope_yes_ratio_adversarial"] == r["eval/pope_yes_ratio_adversarial"]
+    tb = EventAccumulator(str(tmp_path / "pope" / "ppo" / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars(keys[1])] == [0, 1]
+    assert (tmp_path / "pope" / "ppo" / "curves.png").is_file()
+    with pytest.raises(ValueError, match="eval.ppo_set"):
+        ppo_eval_fn(_ppo_cfg(sft_rm, tmp_path / "y", "eval.ppo_set=pope_everything"))
+
+
 # ---- end to end -------------------------------------------------------------------------------------------
 def test_experiment_end_to_end_then_skips_what_it_trained(tmp_path):
     out = tmp_path / "exp"

@@ -3,7 +3,7 @@
     factrl sft      [--config tiny|PATH.yaml] [key=value ...]
     factrl rm       ...
     factrl ppo      ...
-    factrl eval     ...
+    factrl eval     [--benchmark shapes|pope|mmhal|chair] ...
     factrl pipeline ...           # data → SFT → RM → PPO → eval (what `make train` runs)
     factrl experiment ...         # SFT once, then vanilla vs fact RM + PPO per seed (`make experiment`)
     factrl plan     --config llava-v1.5-13b [--gpu-gib 80] [key=value ...]
@@ -63,6 +63,10 @@ def main(argv=None) -> int:
         p.add_argument("overrides", nargs="*", help="key=value overrides, nested keys with dots")
         if name == "plan":
             p.add_argument("--gpu-gib", type=float, default=80.0)
+        if name == "eval":  # = eval.benchmark=NAME (the benchmarks' files are eval.pope/mmhal/chair fields)
+            p.add_argument("--benchmark", choices=["shapes", "pope", "mmhal", "chair"], default=None,
+                           help="shapes: ShapesWorld's held-out sets (default); pope, mmhal, chair: the published "
+                                "benchmarks from their files")
     d = sub.add_parser("data")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     s = dsub.add_parser("shapes", help="write a ShapesWorld dataset in the LLaVA-RLHF formats")
@@ -79,7 +83,10 @@ def main(argv=None) -> int:
             info = write_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
             print(json.dumps(info, default=str))
             return 0
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "benchmark", None):
+            overrides.append(f"eval.benchmark={args.benchmark}")
+        cfg = load_config(args.config, overrides)
         if args.cmd == "plan":
             _plan(cfg, args.gpu_gib, args.config)
             return 0

@@ -214,10 +214,75 @@ class PPOConfig(OptimConfig):
 
 
 @dataclass
+class PopeConfig:
+    """POPE from its official question files (LLaVA-RLHF ``Eval/pope/coco_pope_<split>.jsonl``: one
+    {"question_id", "image", "text", "label"} per line) over the images they name."""
+
+    folder: str = ""  # the folder holding the question files
+    file_pattern: str = "coco_pope_{split}.jsonl"  # a split's question file in folder
+    splits: list[str] = field(default_factory=lambda: ["random", "popular", "adversarial"])
+    image_folder: str = ""  # the images the files name (COCO val2014); empty = <folder>/images
+    # Appended to each question (Eval/eval_scripts/eval_pope.sh --test-prompt)
+    suffix: str = "\nAnswer the question using a single word or phrase."
+    max_new_tokens: int = 0  # 0 = eval.max_new_tokens (the original: 64, model_vqa.py --short_eval)
+
+
+@dataclass
+class MMHalConfig:
+    """MMHal-Bench from its published json (``response_template.json``: question_type,
+    question_topic, image_id, image_src, image_content, question, gt_answer) and images."""
+
+    folder: str = ""  # the benchmark's folder
+    file: str = "response_template.json"  # the questions, in folder
+    image_folder: str = ""  # images named as image_src's file name; empty = <folder>/images
+    suffix: str = ""  # appended to each question (Eval/eval_scripts/eval_mmhal.sh passes --test-prompt '')
+    max_new_tokens: int = 0  # 0 = eval.max_new_tokens (the original: 1024)
+    # An already written responses file (records with model_answer) to judge instead of generating
+    responses: str = ""
+
+
+@dataclass
+class JudgeConfig:
+    """The MMHal judge: any OpenAI-compatible chat-completions endpoint."""
+
+    base_url: str = ""  # e.g. https://api.openai.com/v1 (POSTs <base_url>/chat/completions); empty = no judge
+    model: str = "gpt-4-0314"  # the original's judge (Eval/eval_scripts/eval_mmhal.sh)
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (unset = no auth header)
+    temperature: float = 0.0  # as eval_gpt_mmhal.py
+    timeout_s: float = 120.0  # per request
+    retries: int = 5  # on a failed request, then the eval stops with the error
+    retry_wait_s: float = 10.0  # between retries (the original's)
+
+
+@dataclass
+class ChairConfig:
+    """CHAIR over generated descriptions of COCO images, against their instance annotations."""
+
+    annotations: str = ""  # instances_val2014.json (COCO instances format)
+    # captions_val2014.json: the objects its captions name count as present too (the original's); empty = off
+    captions: str = ""
+    image_folder: str = ""  # the images (file_name of the annotations' images); empty = the annotations' folder
+    # A file of image ids (a JSON list or one per line); empty = every image, capped by eval.max_items
+    image_ids: str = ""
+    prompt: str = "Please describe this image in detail."  # the description request
+    max_new_tokens: int = 0  # 0 = eval.max_new_tokens
+
+
+@dataclass
 class EvalConfig:
+    # shapes: ShapesWorld's held-out sets (the embedded default) | pope | mmhal | chair: the published
+    # benchmarks from the files configured below (factrl eval --benchmark NAME)
+    benchmark: str = "shapes"
+    # What PPO's eval hook scores every ppo.eval_every steps: shapes (ShapesWorld's MMHal + POPE
+    # adversarial) | pope_random | pope_popular | pope_adversarial (that split of eval.pope's files)
+    ppo_set: str = "shapes"
     max_new_tokens: int = 48  # greedy answer length
     batch_size: int = 16  # questions generated at once (and RM pairs scored at once)
-    max_items: int = 0  # cap on each held-out set (0 = all)
+    max_items: int = 0  # cap on each held-out set or benchmark split (0 = all)
+    pope: PopeConfig = field(default_factory=PopeConfig)
+    mmhal: MMHalConfig = field(default_factory=MMHalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    chair: ChairConfig = field(default_factory=ChairConfig)
 
 
 @dataclass
@@ -236,6 +301,10 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | path to a checkpoint directory
     progress: bool = True  # progress bars
+    # Where metrics go besides metrics.jsonl: tensorboard | wandb | tensorboard,wandb | none. wandb is
+    # an optional extra (pip install 'factrl[wandb]') and runs offline (WANDB_MODE=offline unless set).
+    report_to: str = "tensorboard"
+    wandb_project: str = "factrl"  # the wandb project a run logs to
 
 
 @dataclass

@@ -17,8 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from factrl.trainers.config import Config
-from factrl.trainers.data import SYSTEM_PROMPT, _record_id, pad, pad_mask, render_query
+from factrl.trainers import benchmarks as bench
+from factrl.trainers.config import Config, ConfigError
+from factrl.trainers.data import SYSTEM_PROMPT, _record_id, image_loader, pad, pad_mask, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
 from factrl.trainers.setup import Assets, load_assets, stage_base
@@ -77,7 +78,10 @@ COLUMNS = ("sft", "ppo", "blind")
 
 
 def evaluate_stages(cfg: Config, columns=COLUMNS) -> dict:
-    """``factrl eval``: the ``columns`` (of sft, ppo, blind) side by side; the headline numbers."""
+    """``factrl eval``: the ``columns`` (of sft, ppo, blind) side by side; the headline numbers.
+    With ``eval.benchmark`` pope, mmhal or chair: that published benchmark (``evaluate_benchmark``)."""
+    if cfg.eval.benchmark != "shapes":
+        return evaluate_benchmark(cfg, tuple(c for c in columns if c != "blind"))
     results = evaluate_models(cfg, columns)
     table = format_table(results)
     print(table)
@@ -91,23 +95,13 @@ def evaluate_stages(cfg: Config, columns=COLUMNS) -> dict:
 def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     """{column: full results} for the ``columns`` that exist (ppo needs a policy adapter, blind the
     SFT data); each also written to ``<run.out_dir>/eval/<column>.json``, RM accuracy included."""
-    from factrl.model.io import load_adapter
-
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ValueError(f"unknown eval columns {unknown} (known: {', '.join(COLUMNS)})")
     stage = Stage(cfg, "eval")
-    device, layout, out = stage.device, stage.layout, stage.out
-    a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
-    model = a.model.eval()
-    rm_dir = Path(cfg.ppo.reward_adapter or layout.reward_adapter)
-    policy_dir = layout.policy_adapter
-    if rm_dir.is_dir():
-        load_adapter(model, rm_dir, "reward", trainable=False)
-    adapters = {"sft": None} if "sft" in columns else {}
-    if "ppo" in columns and policy_dir.is_dir():
-        load_adapter(model, policy_dir, "policy", trainable=False)
-        adapters["ppo"] = "policy"
+    device, out = stage.device, stage.out
+    a, adapters = load_models(cfg, stage, columns, reward=True)
+    model = a.model
     rm = rm_eval(model, a, cfg, device) if adapters else {}
     gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
                                    cfg.eval.max_new_tokens, device, cfg.data.system_prompt)
@@ -127,12 +121,163 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     return results
 
 
+def load_models(cfg: Config, stage: Stage, columns, reward: bool) -> tuple[Assets, dict]:
+    """The NF4 base PPO used, with (``reward``) this run's reward adapter and, for a ppo column, its
+    policy adapter; (assets, {column: adapter}) for the sft (adapters off) and ppo columns that exist."""
+    from factrl.model.io import load_adapter
+
+    layout = stage.layout
+    a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=stage.device)
+    model = a.model.eval()
+    rm_dir = Path(cfg.ppo.reward_adapter or layout.reward_adapter)
+    if reward and rm_dir.is_dir():
+        load_adapter(model, rm_dir, "reward", trainable=False)
+    adapters = {"sft": None} if "sft" in columns else {}
+    if "ppo" in columns and layout.policy_adapter.is_dir():
+        load_adapter(model, layout.policy_adapter, "policy", trainable=False)
+        adapters["ppo"] = "policy"
+    return a, adapters
+
+
+# ---- the published benchmarks (trainers/benchmarks.py) ------------------------------------------------------
+BENCHMARKS = ("shapes", "pope", "mmhal", "chair")
+_POPE_ROWS = [("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"), ("F1", "f1"),
+              ("yes-ratio", "yes_ratio")]
+_CHAIR_ROWS = [("CHAIR_i ↓", ("chair_i",)), ("CHAIR_s ↓", ("chair_s",)), ("object recall ↑", ("recall",)),
+               ("captions", ("n",))]
+
+
+def pope_files(cfg: Config, splits) -> dict[str, Path]:
+    """{split: question file} of ``eval.pope``, each checked to exist."""
+    p = cfg.eval.pope
+    if not p.folder:
+        raise ConfigError("POPE needs eval.pope.folder: the folder of its question files "
+                          f"({p.file_pattern.format(split='<split>')})")
+    files = {s: Path(p.folder) / p.file_pattern.format(split=s) for s in splits}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise ConfigError(f"POPE question file(s) not found: {', '.join(missing)} (eval.pope.folder, "
+                          "eval.pope.file_pattern, eval.pope.splits)")
+    return files
+
+
+def _folder(explicit: str, default: Path) -> str:
+    return explicit or str(default)
+
+
+def evaluate_benchmark(cfg: Config, columns=("sft", "ppo")) -> dict:
+    """``factrl eval --benchmark pope|mmhal|chair``: the sft / ppo columns on the benchmark's files
+    (eval.pope / eval.mmhal / eval.chair), greedy and batched. Writes ``<run.out_dir>/eval/<benchmark>/``:
+    the responses in the benchmark's own format, ``<column>.json``, ``table.txt`` and ``summary.json``;
+    returns the summary. MMHal without ``eval.judge.base_url`` writes the responses and says how to
+    score them."""
+    e, name = cfg.eval, cfg.eval.benchmark
+    if name not in BENCHMARKS:
+        raise ConfigError(f"eval.benchmark={name!r}: unknown (known: {', '.join(BENCHMARKS)})")
+    out = RunLayout(Path(cfg.run.out_dir)).stage("eval") / name
+    # 1. the benchmark's files, read before any model loads (a wrong path fails in a second)
+    if name == "pope":
+        files = pope_files(cfg, e.pope.splits)
+        images, max_new = _folder(e.pope.image_folder, Path(e.pope.folder) / "images"), e.pope.max_new_tokens
+        run = lambda gen, col: bench.run_pope(gen, files, e.pope.suffix, e.max_items or None, e.batch_size,  # noqa: E731
+                                              cfg.run.progress, out, col)
+    elif name == "mmhal":
+        if e.mmhal.responses:  # 1b. judge a responses file written before (e.g. responses_sft.json): no model
+            col = Path(e.mmhal.responses).stem.removeprefix("responses_")
+            return _judge_mmhal(cfg, {col: bench.load_mmhal(e.mmhal.responses)}, out)
+        if not e.mmhal.folder:
+            raise ConfigError("MMHal-Bench needs eval.mmhal.folder (response_template.json + images/) "
+                              "or eval.mmhal.responses (a responses file to judge)")
+        records = bench.load_mmhal(Path(e.mmhal.folder) / e.mmhal.file)[:e.max_items or None]
+        images, max_new = _folder(e.mmhal.image_folder, Path(e.mmhal.folder) / "images"), e.mmhal.max_new_tokens
+        run = lambda gen, col: bench.mmhal_responses(gen, records, e.mmhal.suffix, e.batch_size,  # noqa: E731
+                                                     cfg.run.progress, col)
+    elif name == "chair":
+        c = e.chair
+        if not c.annotations:
+            raise ConfigError("CHAIR needs eval.chair.annotations (a COCO instances_*.json)")
+        chair = bench.Chair()
+        objects, names = bench.coco_objects(chair, c.annotations, c.captions)
+        ids = (bench.read_image_ids(c.image_ids) if c.image_ids else sorted(names))[:e.max_items or None]
+        images, max_new = _folder(c.image_folder, Path(c.annotations).parent), c.max_new_tokens
+        run = lambda gen, col: bench.run_chair(gen, chair, objects, names, ids, c.prompt, e.batch_size,  # noqa: E731
+                                               cfg.run.progress, out, col)
+    else:
+        raise ConfigError("eval.benchmark=shapes is evaluate_models' (factrl eval without --benchmark)")
+    # 2. the models: the base (sft) and the PPO policy, as evaluate_models
+    stage = Stage(cfg, "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    a, adapters = load_models(cfg, stage, columns, reward=False)
+    loader = image_loader(images, a.processor, cfg.data.image_aspect)
+    # 3. generate and score, column by column
+    results = {}
+    for col, adapter in adapters.items():
+        gen = make_generate_fn(a.model, a.tokenizer, loader, a.num_image_tokens, adapter, max_new or e.max_new_tokens,
+                               stage.device, cfg.data.system_prompt)
+        results[col] = run(gen, col)
+    if name == "mmhal":
+        answered = {}
+        for col, recs in results.items():  # model_vqa_mmhal.py:194 writes the list with indent=2
+            bench._write_json(out / f"responses_{col}.json", recs)
+            answered[col] = recs
+        return _judge_mmhal(cfg, answered, out)
+    for col, res in results.items():
+        (out / f"{col}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    rows = ([(f"POPE {what} {split}", (split, key)) for split in e.pope.splits for what, key in _POPE_ROWS]
+            if name == "pope" else _CHAIR_ROWS)
+    table = format_table(results, rows)
+    return _finish(out, table, {col: {k: v for k, v in r.items() if k != "sentences"} for col, r in results.items()})
+
+
+def _finish(out: Path, table: str, summary: dict) -> dict:
+    print(table)
+    (out / "table.txt").write_text(table + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _judge_mmhal(cfg: Config, answered: dict[str, list[dict]], out: Path) -> dict:
+    """Judge each column's answered records (eval.judge) and tabulate per question type; without a
+    judge endpoint, say how to score the responses files."""
+    j = cfg.eval.judge
+    out.mkdir(parents=True, exist_ok=True)
+    files = {col: out / f"responses_{col}.json" for col in answered}
+    for col, recs in answered.items():
+        missing = [i for i, r in enumerate(recs) if "model_answer" not in r]
+        if missing:
+            raise ConfigError(f"{cfg.eval.mmhal.responses or files[col]}: records {missing[:5]} have no "
+                              "model_answer (a responses file is response_template.json with model_answer filled in)")
+        if not files[col].is_file():
+            bench._write_json(files[col], recs)
+    if not j.base_url:
+        f = next(iter(files.values()))
+        print(f"[factrl] MMHal-Bench: no judge configured (eval.judge.base_url); responses written to "
+              f"{', '.join(str(p) for p in files.values())}. Score them with\n"
+              f"  factrl eval --benchmark mmhal eval.mmhal.responses={f} eval.judge.base_url=https://api.openai.com/v1 "
+              f"eval.judge.model={j.model}   (key from ${j.api_key_env})\n"
+              f"or LLaVA-RLHF's own: python Eval/eval_gpt_mmhal.py --response {f} --evaluation reviews.json "
+              f"--api-key KEY --gpt-model {j.model}")
+        return {col: {"responses": str(p), "judged": False} for col, p in files.items()}
+    scores = {}
+    for col, recs in answered.items():
+        reviews = bench.judge_mmhal(recs, j.base_url, j.model, bench.api_key(j.api_key_env), j.temperature,
+                                    j.timeout_s, j.retries, j.retry_wait_s, cfg.run.progress)
+        bench._write_json(out / f"reviews_{col}.json", reviews)  # eval_gpt_mmhal.py --evaluation: the replies
+        scores[col] = bench.score_mmhal(recs, reviews)
+        (out / f"{col}.json").write_text(json.dumps(scores[col], indent=1) + "\n")
+    summary = {col: {"score": s["score"], "hallucination_rate": s["hallucination_rate"], "n": s["n"],
+                     "per_type": s["per_type"], "responses": str(files[col])} for col, s in scores.items()}
+    return _finish(out, bench.mmhal_table(scores), summary)
+
+
 def ppo_eval_fn(cfg: Config) -> Optional[Callable[[Assets, int], dict]]:
     """The hook ``train_ppo`` calls every ``ppo.eval_every`` steps (None when 0) with its own assets:
     the policy's greedy answers to the first ``ppo.eval_items`` items of MMHal and POPE adversarial,
-    scored."""
+    scored - or, with ``eval.ppo_set=pope_<split>``, of that split of the POPE files (eval.pope)."""
     if cfg.ppo.eval_every <= 0:
         return None
+    if cfg.eval.ppo_set != "shapes":
+        return _pope_eval_fn(cfg)
 
     def eval_fn(a: Assets, step: int) -> dict:
         gen = make_generate_fn(a.model, a.tokenizer, a.images, a.num_image_tokens, "policy",
@@ -143,6 +288,29 @@ def ppo_eval_fn(cfg: Config) -> Optional[Callable[[Assets, int], dict]]:
         h = headline(res)
         keys = ("hallucination_rate", "mmhal_score", "pope_f1_adversarial", "pope_yes_ratio_adversarial")
         return {k: h[k] for k in keys if h[k] is not None}
+
+    return eval_fn
+
+
+def _pope_eval_fn(cfg: Config) -> Callable[[Assets, int], dict]:
+    """The PPO hook on one split of the POPE files: pope_{accuracy,f1,yes_ratio}_<split>."""
+    split = cfg.eval.ppo_set.removeprefix("pope_")
+    if not cfg.eval.ppo_set.startswith("pope_") or split not in bench.POPE_SPLITS:
+        raise ConfigError(f"eval.ppo_set={cfg.eval.ppo_set!r}: expected shapes or pope_<split> "
+                          f"({', '.join(bench.POPE_SPLITS)})")
+    files = pope_files(cfg, [split])  # checked now, before PPO trains
+    p = cfg.eval.pope
+    loaders: dict = {}
+
+    def eval_fn(a: Assets, step: int) -> dict:
+        if "images" not in loaders:
+            loaders["images"] = image_loader(_folder(p.image_folder, Path(p.folder) / "images"), a.processor,
+                                             cfg.data.image_aspect)
+        gen = make_generate_fn(a.model, a.tokenizer, loaders["images"], a.num_image_tokens, "policy",
+                               p.max_new_tokens or cfg.eval.max_new_tokens, a.model.embed_tokens.weight.device,
+                               cfg.data.system_prompt)
+        m = bench.run_pope(gen, files, p.suffix, cfg.ppo.eval_items, cfg.eval.batch_size)[split]
+        return {f"pope_{k}_{split}": m[k] for k in ("accuracy", "f1", "yes_ratio")}
 
     return eval_fn
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -12,25 +13,51 @@ from typing import Optional
 
 import torch
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
+def report_targets(report_to: str) -> set[str]:
+    """``run.report_to`` ("tensorboard", "wandb", "tensorboard,wandb", "none") as a set."""
+    names = {s.strip() for s in report_to.split(",") if s.strip()} - {"none"}
+    unknown = sorted(names - set(REPORT_TO))
+    if unknown:
+        raise ValueError(f"run.report_to: unknown backend(s) {unknown} (known: tensorboard, wandb, none)")
+    return names
+
 
 class Logger:
-    """Metrics to ``metrics.jsonl`` and tensorboard, a tqdm bar with the live loss, phase timers."""
+    """Metrics to ``metrics.jsonl`` and the ``report_to`` backends (tensorboard in ``tb/``, wandb
+    offline in ``wandb/``), a tqdm bar with the live loss, phase timers. ``run_config``: the
+    resolved config as a dict, recorded by wandb."""
 
-    def __init__(self, out: Path, total: int, desc: str, progress: bool = True, rank: int = 0, initial: int = 0):
+    def __init__(self, out: Path, total: int, desc: str, progress: bool = True, rank: int = 0, initial: int = 0,
+                 report_to: str = "tensorboard", run_config: Optional[dict] = None, project: str = "factrl"):
         self.out, self.rank = out, rank
         self.path = out / "metrics.jsonl"
         self.phase: dict[str, float] = {}
         self.tb = None
+        self.wandb = None
         self.bar = None
+        targets = report_targets(report_to)
         if rank != 0:
             return
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tb"))
-        except Exception:  # tensorboard is optional at run time
-            self.tb = None
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception:  # tensorboard is optional at run time
+                self.tb = None
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("run.report_to includes wandb, but wandb is not installed: "
+                                  "pip install 'factrl[wandb]' (or run.report_to=tensorboard)") from None
+            os.environ.setdefault("WANDB_MODE", "offline")  # no network here: sync later with `wandb sync`
+            self.wandb = wandb.init(project=project, name=f"{out.parent.name}/{desc}", dir=str(out),
+                                    config=run_config or {}, mode=os.environ["WANDB_MODE"])
         if progress:
             from tqdm.auto import tqdm
 
@@ -52,10 +79,12 @@ class Logger:
         self.phase = {}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         if self.bar is not None:
             shown = {k: f"{row[k]:.4g}" for k in ("loss", "reward", "kl", "acc") if isinstance(row.get(k), float)}
             self.bar.set_postfix(shown, refresh=False)  # refresh only at mininterval
@@ -70,6 +99,9 @@ class Logger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def _scalar(v):

@@ -162,15 +162,17 @@ def _get(d: dict, path: tuple):
     return d
 
 
-def format_table(results_by_model: dict[str, dict]) -> str:
+def format_table(results_by_model: dict[str, dict], rows: Optional[list[tuple[str, tuple]]] = None) -> str:
     """Side-by-side table: one column per model, one row per headline metric ("-" = not run).
-    RM accuracy is read from ``results["rm"]`` (an ``rm_accuracy`` dict the caller adds)."""
+    RM accuracy is read from ``results["rm"]`` (an ``rm_accuracy`` dict the caller adds). ``rows``:
+    (label, key path) pairs instead of the ShapesWorld headline rows."""
+    rows = _ROWS if rows is None else rows
     names = list(results_by_model)
-    w0 = max(len(r[0]) for r in _ROWS)
+    w0 = max(len(r[0]) for r in rows)
     ws = [max(8, len(n)) for n in names]
     lines = ["  ".join([" " * w0] + [n.rjust(w) for n, w in zip(names, ws)])]
     lines.append("-" * len(lines[0]))
-    for label, path in _ROWS:
+    for label, path in rows:
         cells = []
         for n, w in zip(names, ws):
             v = _get(results_by_model[n], path)

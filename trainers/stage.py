@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from factrl.trainers.checkpoint import Checkpoints, load_trainable_state, rng_state, set_rng_state, trainable_state
-from factrl.trainers.config import Config, save_config
+from factrl.trainers.config import Config, save_config, to_dict
 from factrl.trainers.logs import Logger, plot_curves, read_metrics
 from factrl.trainers.run import RunLayout, all_reduce_grads, init_distributed, resolve_device, seed_everything
 
@@ -148,7 +148,9 @@ class Stage:
         self.guard = StepGuard(loop.max_nonfinite_skips)
         self.ckpts = Checkpoints(self.out / "checkpoints", keep=loop.keep_last)
         self.start, state = self._resume()
-        self.log = Logger(self.out, steps, self.name, self.cfg.run.progress, self.rank, initial=self.start)
+        run = self.cfg.run
+        self.log = Logger(self.out, steps, self.name, run.progress, self.rank, initial=self.start,
+                          report_to=run.report_to, run_config=to_dict(self.cfg), project=run.wandb_project)
         return state
 
     @property

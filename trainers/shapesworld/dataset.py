@@ -19,6 +19,10 @@ from .scenes import Scene, random_scene, render
 from .specs import CATEGORIES, make_choice_spec, make_exists_spec, make_spec
 
 EVAL_SETS = ["pope_random", "pope_popular", "pope_adversarial", "mmhal", "chair"]
+POPE_SPLITS = ("random", "popular", "adversarial")
+# The POPE sets in POPE's format, under the data root: eval.pope.folder=<root>/eval/pope,
+# eval.pope.file_pattern=pope_{split}.jsonl, eval.pope.image_folder=<root>/images
+POPE_FILE = "eval/pope/pope_{split}.jsonl"
 SYSTEM_FREE_FACTS = [  # text-only SFT records: the world's vocabulary, no image
     ("What shapes can appear in the images?", "Circles, squares, triangles, stars and crosses."),
     ("What colors can the shapes have?", "Red, green, blue, yellow, purple and orange."),
@@ -251,6 +255,14 @@ def _eval_sets(train: list[Scene], evals: list[Scene], seed: int) -> dict:
     return sets
 
 
+def pope_jsonl(items: list[dict]) -> str:
+    """ShapesWorld POPE items as an official POPE question file (LLaVA-RLHF Eval/pope/*.jsonl): one
+    {"question_id", "image", "text", "label"} per line, question ids 1.. in order. ``.jsonl``, so the
+    tiny tokenizer's corpus (data.text_corpus reads *.json) does not change."""
+    return "".join(json.dumps({"question_id": i + 1, "image": it["image"], "text": it["question"],
+                               "label": it["label"]}) + "\n" for i, it in enumerate(items))
+
+
 def _dump(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
@@ -260,6 +272,7 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
 
     Files: sft.json, preference.json, preference_eval.json, image_to_caption.json, ppo_prompts.json,
     scenes.json (the facts), eval/{pope_random,pope_popular,pope_adversarial,mmhal,chair}.json,
+    the POPE sets again as official POPE question files eval/pope/pope_{random,popular,adversarial}.jsonl,
     images/*.png. Same (n, seed, image_size, n_eval) -> byte-identical files.
     """
     t0 = time.perf_counter()
@@ -286,6 +299,9 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     for name, items in data["eval"].items():
         files[f"eval/{name}"] = out / "eval" / f"{name}.json"
         _dump(files[f"eval/{name}"], items)
+    for split in POPE_SPLITS:  # the POPE sets again in POPE's own format, for the generic POPE path
+        files[f"eval/pope/{split}"] = out / POPE_FILE.format(split=split)
+        write_atomic(files[f"eval/pope/{split}"], pope_jsonl(data["eval"][f"pope_{split}"]))
     _dump(files["sft"], data["sft"])  # last: its presence marks a complete dataset (setup.ensure_dataset)
     counts = {
         "scenes_train": sum(s.split == "train" for s in data["scenes"]),
