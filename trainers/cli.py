@@ -8,6 +8,7 @@
     factrl experiment ...         # SFT once, then vanilla vs fact RM + PPO per seed (`make experiment`)
     factrl plan     --config llava-v1.5-13b [--gpu-gib 80] [key=value ...]
     factrl data shapes --out DIR --n N --seed S [--image-size 48]
+    factrl convert  SRC DST [--vision-tower CLIP_DIR]   # original LLaVA layout → llava-hf
 """
 
 from __future__ import annotations
@@ -70,9 +71,25 @@ def main(argv=None) -> int:
     s.add_argument("--n", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=48)
+    c = sub.add_parser("convert", help="rewrite an original-layout LLaVA checkpoint (LlavaLlamaForCausalLM) "
+                                       "as a llava-hf directory")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--vision-tower", default=None,
+                   help="the local CLIP directory (default: the checkpoint's mm_vision_tower, if local)")
     args = ap.parse_args(argv)
 
     try:
+        if args.cmd == "convert":
+            from factrl.model.io import CheckpointError
+            from factrl.model.original import convert_original
+
+            try:
+                print(json.dumps(convert_original(args.src, args.dst, args.vision_tower)))
+            except CheckpointError as e:
+                print(f"factrl: convert: {e}", file=sys.stderr)
+                return 2
+            return 0
         if args.cmd == "data":
             from factrl.trainers.shapesworld.dataset import write_dataset
 
