@@ -21,7 +21,7 @@ from factrl.trainers.config import Config
 from factrl.trainers.data import _record_id, pad, pad_mask, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
-from factrl.trainers.setup import Assets, load_assets, stage_base
+from factrl.trainers.setup import Assets, load_assets
 from factrl.trainers.shapesworld.scoring import blind_answers, run_eval
 from factrl.trainers.stage import Stage
 
@@ -91,23 +91,27 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     """{column: full results} for the ``columns`` that exist (ppo needs a policy adapter, blind the
     SFT data); each also written to ``<run.out_dir>/eval/<column>.json``, RM accuracy included."""
     from factrl.model.io import load_adapter
+    from factrl.trainers.ppo import policy_base
 
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ValueError(f"unknown eval columns {unknown} (known: {', '.join(COLUMNS)})")
     stage = Stage(cfg, "eval")
     device, layout, out = stage.device, stage.layout, stage.out
-    a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
+    a = load_assets(cfg, policy_base(cfg, layout), quantize=cfg.model.quantize, device=device)
     model = a.model.eval()
     rm_dir = Path(cfg.ppo.reward_adapter or layout.reward_adapter)
     policy_dir = layout.policy_adapter
+    # the RM lives on ppo.reward_base in two-base mode (read with its own tower and image size)
+    ra = load_assets(cfg, Path(cfg.ppo.reward_base), quantize=cfg.model.quantize, device=device) \
+        if cfg.ppo.reward_base else a
     if rm_dir.is_dir():
-        load_adapter(model, rm_dir, "reward", trainable=False)
+        load_adapter(ra.model, rm_dir, "reward", trainable=False)
     adapters = {"sft": None} if "sft" in columns else {}
     if "ppo" in columns and policy_dir.is_dir():
         load_adapter(model, policy_dir, "policy", trainable=False)
         adapters["ppo"] = "policy"
-    rm = rm_eval(model, a, cfg, device) if adapters else {}
+    rm = rm_eval(ra.model.eval(), ra, cfg, device) if adapters else {}
     gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
                                    cfg.eval.max_new_tokens, device) for name, adapter in adapters.items()}
     sft_file = a.data_root / cfg.data.sft_file
