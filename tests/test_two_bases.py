@@ -222,3 +222,41 @@ def test_rl_init_from_a_qlora_sft_run(bases):
     assert P.policy_base(ppo_cfg, layout) == bases / "tiny_base"
     assert P.train_ppo(ppo_cfg)["steps"] == 1
 
+
+def test_plan_counts_each_base_once(bases):
+    import json
+    import subprocess
+    import sys
+
+    from factrl.model.io import load_llava
+    from factrl.model.plan import ARCH, Arch, arch_from_model_config, count_params, plan
+    from factrl.trainers.config import ModelConfig, TinyModelConfig
+
+    # the reward base's counts equal the instantiated model's (as the policy base's, test_model)
+    mc = ModelConfig(tiny=TinyModelConfig(**REWARD_TINY))
+    m = load_llava(bases / "reward_base")
+    arch = arch_from_model_config(mc)
+    arch.vocab = m.text_config.vocab_size
+    c = count_params(arch, 4, mc.lora.targets)
+    assert c["decoder_linear"] == sum(lin.weight.numel() for _, lin in m.linears())
+    assert c["vision"] == sum(p.numel() for p in m.vision.parameters())
+
+    # 7B-224 policy + 13B-336 RM/value: every base item once, the value adapter at the 13B's size
+    targets = ["q", "k", "v", "o", "gate", "up", "down"]
+    a, r = Arch(**ARCH["llava-rlhf-7b-v1.5-224"]), Arch(**ARCH["llava-rlhf-13b-v1.5-336"])
+    one_a, one_r = plan(a, 64, targets, 128, 896), plan(r, 64, targets, 128, 896)
+    two = plan(a, 64, targets, 128, 896, reward_arch=r, init_adapter=True)
+    s1a, s1r, s2 = one_a["static_bytes"], one_r["static_bytes"], two["static_bytes"]
+    for item in ("decoder linears (NF4, double-quant)", "embeddings + lm_head + norms (bf16)",
+                 "vision tower + projector (bf16)"):
+        assert s2[f"policy base {item}"] == s1a[f"base {item}" if "decoder" in item else item]
+        assert s2[f"reward base {item}"] == s1r[f"base {item}" if "decoder" in item else item]
+    assert s2["adapter value on the reward base (fp32 w/grad/Adam)"] == 16 * two["reward_params"]["lora_per_adapter"]
+    assert "adapter reference (RL-init, frozen, bf16)" in s2 and two["fits"]
+    r = subprocess.run([sys.executable, "-m", "factrl.trainers.cli", "plan", "--config", "llava-v1.5-7b",
+                        "--arch", "llava-rlhf-7b-v1.5-224", "--reward-base", "llava-rlhf-13b-v1.5-336",
+                        "ppo.init_adapter=/models/rl-init"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    last = json.loads(r.stdout.splitlines()[-1])
+    assert last["fits"] and last["reward_base"] == "llava-rlhf-13b-v1.5-336"
+    assert last["peak_gib"] == round(two["peak_bytes"] / 2 ** 30, 2)
