@@ -194,6 +194,12 @@ def test_two_base_ppo_runs_saves_and_resumes(bases):
     again = read_metrics(bases / "run" / "ppo" / "metrics.jsonl")
     keys = ("reward", "policy_loss", "value_loss")
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+    # factrl eval: the policy on the policy base, the RM scored on its own (second) base
+    from factrl.trainers.eval_stage import evaluate_models
+
+    res = evaluate_models(_cfg(bases, True, f"run.out_dir={bases}/run", "eval.max_items=4", "eval.max_new_tokens=4"),
+                          columns=("ppo",))
+    assert 0.0 <= res["ppo"]["rm"]["accuracy"] <= 1.0 and "pope" in res["ppo"]
     # a reward base with another vocabulary is refused, naming it
     other = build_tiny_checkpoint(bases / "other", TinyModelConfig(**REWARD_TINY, vocab_size=100), ["a b c"] * 3)
     with pytest.raises(ValueError, match="tokenizer differs"):
