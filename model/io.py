@@ -125,6 +125,9 @@ def read_llava_config(path: Path):
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
+    if "mm_vision_tower" in raw:
+        raise CheckpointError(f"{cfg_file}: the original LLaVA layout (LlavaLlamaForCausalLM, mm_vision_tower); "
+                              f"convert it once: factrl convert {path} DST")
     if raw.get("model_type") != "llava":
         raise CheckpointError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'llava'")
     tc = raw.get("text_config") or {}
@@ -323,20 +326,67 @@ def save_adapter(model: LlavaModel, name: str, path, base_path: str = "", heads:
     return Path(path)
 
 
+def adapter_dir(path) -> Path:
+    """The directory holding adapter_config.json: ``path`` itself, or below it the original's
+    ``adapter_model/`` then ``lora_default/`` (LLaVA-RLHF's checkpoint-N layout, descended into
+    as RLHF/models/qlora_model.py:69-74 does)."""
+    path = Path(path)
+    for sub in ("adapter_model", "lora_default"):
+        if (path / sub).is_dir():
+            path = path / sub
+    return path
+
+
+def adapter_base(path) -> Optional[str]:
+    """The base_model_name_or_path an adapter's config records (None when absent)."""
+    f = adapter_dir(path) / "adapter_config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing (not a PEFT adapter directory)")
+    return json.loads(f.read_text()).get("base_model_name_or_path") or None
+
+
+def _torch_file(f: Path) -> dict:
+    """A torch.save'd state dict (the original's adapter_model.bin, reward_head, value_head.pt),
+    read with weights_only: tensors only, no code runs."""
+    try:
+        sd = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files
+        raise CheckpointError(f"{f}: not a readable torch state dict: {e}") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{f}: expected a dict of tensors")
+    return sd
+
+
+# The original's head files: RLHF/lora_utils.py:36-42 saves the RM's nn.Linear(H, 1) state dict
+# as <checkpoint>/reward_head, read back by RLHF/models/reward_model.py:170-178; the PPO value
+# head is <checkpoint>/value_head.pt (RLHF/models/rl_trainer.py:79, 869-870). Keys: weight, bias.
+ORIGINAL_HEAD_FILES = {"reward": "reward_head", "value": "value_head.pt"}
+
+
 def load_adapter(model: LlavaModel, path, name: str, trainable: bool = True) -> None:
-    """Load a PEFT-format adapter (ours or peft's) into the bank as ``name`` (+ heads if present)."""
+    """Load a PEFT-format adapter into the bank as ``name`` (+ heads if present): ours or peft's
+    (adapter_model.safetensors), or the original LLaVA-RLHF's (adapter_model.bin, possibly under
+    adapter_model/lora_default/, with its reward_head / value_head.pt files beside)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    top = Path(path)
+    path = adapter_dir(top)
+    cfg_file = path / "adapter_config.json"
+    w_file = path / "adapter_model.safetensors"
+    if not w_file.is_file() and (path / "adapter_model.bin").is_file():
+        w_file = path / "adapter_model.bin"
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (not a PEFT adapter directory)")
     cfg = json.loads(cfg_file.read_text())
-    tensors = load_file(str(w_file))
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}, only LORA adapters load")
+    tensors = load_file(str(w_file)) if w_file.suffix == ".safetensors" else _torch_file(w_file)
     by_layer: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     inv = {v: k for k, v in HF_LINEAR.items()}
     for k, v in tensors.items():
+        if "vision" in k:  # a CLIP tower's self_attn.q_proj would match the pattern below
+            raise CheckpointError(f"{w_file}: key {k!r} adapts the vision tower, which factrl keeps frozen")
         m = re.search(r"layers\.(\d+)\.(self_attn\.\w+_proj|mlp\.\w+_proj)\.lora_([AB])(?:\.\w+)?\.weight$", k)
         if not m or m.group(2) not in inv:
             raise CheckpointError(f"{w_file}: unexpected key {k!r}")
@@ -358,11 +408,25 @@ def load_adapter(model: LlavaModel, path, name: str, trainable: bool = True) -> 
                 p.copy_(ab[which].to(p.dtype))
             p.requires_grad_(trainable)
     heads = path / "heads.safetensors"
+    found = {}
     if heads.is_file():
         for k, v in load_file(str(heads)).items():
             h, param = k.split(".", 1)
-            if h not in model.heads:
-                model.add_head(h)
+            found.setdefault(h, {})[param] = (v, heads)
+    for h, fname in ORIGINAL_HEAD_FILES.items():
+        for d in dict.fromkeys((top, path)):  # the checkpoint dir (the original's place), or the adapter's
+            if (d / fname).is_file() and h not in found:
+                found[h] = {param: (v, d / fname) for param, v in _torch_file(d / fname).items()}
+    for h, params in found.items():
+        if h not in model.heads:
+            model.add_head(h)
+        want = model.heads[h].state_dict()
+        if set(params) != set(want):
+            raise CheckpointError(f"{next(iter(params.values()))[1]}: head {h!r} has keys {sorted(params)}, "
+                                  f"expected {sorted(want)}")
+        for param, (v, f) in params.items():
+            if tuple(v.shape) != tuple(want[param].shape):
+                raise CheckpointError(f"{f}: head {h!r} {param} shape {tuple(v.shape)} != {tuple(want[param].shape)}")
             with torch.no_grad():
-                model.heads[h].state_dict()[param].copy_(v)
-            model.heads[h].requires_grad_(trainable)
+                want[param].copy_(v)
+        model.heads[h].requires_grad_(trainable)

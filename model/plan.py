@@ -6,20 +6,32 @@ trainable with fp32 master weights, grads and two Adam moments; reward frozen), 
 then what scales with the batch: the KV cache of a rollout chunk and the activations of a
 training micro-batch with gradient checkpointing (the fused log-prob kernel never builds the
 ``[tokens, V]`` logits; without it they would dominate).
+
+Two-base mode (``ppo.reward_base``, the recipe's 13B RM/value beside a 7B policy): each base is
+counted once with its own tower; policy (+ the frozen RL-init reference) adapters on the policy
+base, value (trainable) and reward (frozen) on the reward base. Rollouts run on the policy base
+only; a training micro-batch holds both bases' activations at once (one loss, one backward).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 GiB = 1024 ** 3
 
 # Architectures of the presets (llava-hf/llava-1.5-{7,13}b-hf: Vicuna-1.5 + CLIP ViT-L/14-336).
 CLIP_L336 = dict(vision_hidden=1024, vision_layers=24, vision_intermediate=4096, image_size=336, patch_size=14)
+CLIP_L224 = dict(CLIP_L336, image_size=224)  # openai/clip-vit-large-patch14: 256 patches
+VICUNA_7B = dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008)
+VICUNA_13B = dict(hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824)
 ARCH = {
-    "llava-v1.5-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32064, **CLIP_L336),
-    "llava-v1.5-13b": dict(hidden=5120, layers=40, heads=40, kv_heads=40, intermediate=13824, vocab=32064,
-                           **CLIP_L336),
+    "llava-v1.5-7b": dict(**VICUNA_7B, vocab=32064, **CLIP_L336),
+    "llava-v1.5-13b": dict(**VICUNA_13B, vocab=32064, **CLIP_L336),
+    # LLaVA-RLHF's released bases (RLHF/scripts/7b-v1.5-224/train_rl_model.sh: the 7B-224 policy,
+    # the 13B-336 RM/value), after factrl convert: 32000 Llama tokens + <image>
+    "llava-rlhf-7b-v1.5-224": dict(**VICUNA_7B, vocab=32001, **CLIP_L224),
+    "llava-rlhf-13b-v1.5-336": dict(**VICUNA_13B, vocab=32001, **CLIP_L336),
 }
 
 
@@ -76,28 +88,62 @@ def count_params(a: Arch, lora_r: int, lora_targets) -> dict[str, int]:
     }
 
 
+def _base_bytes(c: dict, nf4_bytes_per_param: float) -> tuple[float, float, float]:
+    """(NF4 decoder linears, bf16 embeddings + lm_head + norms, bf16 tower + projector) of one base."""
+    return (c["decoder_linear"] * nf4_bytes_per_param, 2 * (c["embed_tokens"] + c["lm_head"] + c["norms"]),
+            2 * (c["vision"] + c["projector"]))
+
+
+def _act_per_seq(a: Arch, seq: int, fused_logprobs: bool) -> float:
+    # Training micro-batch with checkpointing: one bf16 hidden per layer boundary, plus one
+    # layer's recompute (attention in/out, MLP gate/up/act) and the LoRA inputs.
+    act = seq * 2 * (a.layers * a.hidden + 6 * a.hidden + 3 * a.intermediate)
+    if not fused_logprobs:
+        act += seq * a.vocab * 4 * 2  # fp32 logits and their gradient
+    return act
+
+
 def plan(a: Arch, lora_r: int, lora_targets, prompt_len: int, response_len: int, gpu_gib: float = 80.0,
-         rollout_chunk: int = 32, step_chunk: int = 8, blocksize: int = 64, fused_logprobs: bool = True) -> dict:
-    """Bytes by item, and the largest rollout/step chunks that fit in ``gpu_gib``."""
+         rollout_chunk: int = 32, step_chunk: int = 8, blocksize: int = 64, fused_logprobs: bool = True,
+         reward_arch: Optional[Arch] = None, init_adapter: bool = False) -> dict:
+    """Bytes by item, and the largest rollout/step chunks that fit in ``gpu_gib``. ``reward_arch``:
+    two-base mode, reward and value on a base of that architecture; ``init_adapter``: a frozen
+    RL-init reference adapter beside the policy's."""
     c = count_params(a, lora_r, lora_targets)
     nf4_bytes_per_param = 0.5 + 1 / blocksize + 4 / (blocksize * 256)  # codes + uint8 absmax + nested fp32
     seq = a.n_patches + prompt_len + response_len
-    static = {
-        "base decoder linears (NF4, double-quant)": c["decoder_linear"] * nf4_bytes_per_param,
-        "embeddings + lm_head + norms (bf16)": 2 * (c["embed_tokens"] + c["lm_head"] + c["norms"]),
-        "vision tower + projector (bf16)": 2 * (c["vision"] + c["projector"]),
-        # policy + value: fp32 weights, fp32 grads, Adam m and v; reward: frozen bf16
-        "adapters policy+value (fp32 w/grad/Adam)": 2 * 16 * c["lora_per_adapter"],
-        "adapter reward (frozen, bf16)": 2 * c["lora_per_adapter"],
-        "heads value+reward": 2 * 16 * c["head"],
-        "CUDA context + allocator slack": 2.5 * GiB,
-    }
+    nf4, emb, vis = _base_bytes(c, nf4_bytes_per_param)
+    if reward_arch is None:
+        static = {
+            "base decoder linears (NF4, double-quant)": nf4,
+            "embeddings + lm_head + norms (bf16)": emb,
+            "vision tower + projector (bf16)": vis,
+            # policy + value: fp32 weights, fp32 grads, Adam m and v; reward: frozen bf16
+            "adapters policy+value (fp32 w/grad/Adam)": 2 * 16 * c["lora_per_adapter"],
+            "adapter reward (frozen, bf16)": 2 * c["lora_per_adapter"],
+        }
+    else:
+        rc = count_params(reward_arch, lora_r, lora_targets)
+        rnf4, remb, rvis = _base_bytes(rc, nf4_bytes_per_param)
+        static = {
+            "policy base decoder linears (NF4, double-quant)": nf4,
+            "policy base embeddings + lm_head + norms (bf16)": emb,
+            "policy base vision tower + projector (bf16)": vis,
+            "reward base decoder linears (NF4, double-quant)": rnf4,
+            "reward base embeddings + lm_head + norms (bf16)": remb,
+            "reward base vision tower + projector (bf16)": rvis,
+            "adapter policy (fp32 w/grad/Adam)": 16 * c["lora_per_adapter"],
+            "adapter value on the reward base (fp32 w/grad/Adam)": 16 * rc["lora_per_adapter"],
+            "adapter reward (frozen, bf16)": 2 * rc["lora_per_adapter"],
+        }
+    if init_adapter:
+        static["adapter reference (RL-init, frozen, bf16)"] = 2 * c["lora_per_adapter"]
+    static["heads value+reward"] = 2 * 16 * (c if reward_arch is None else rc)["head"]
+    static["CUDA context + allocator slack"] = 2.5 * GiB
     kv_per_seq = 2 * a.layers * a.kv_heads * a.head_dim * seq * 2  # k and v, bf16
-    # Training micro-batch with checkpointing: one bf16 hidden per layer boundary, plus one
-    # layer's recompute (attention in/out, MLP gate/up/act) and the LoRA inputs.
-    act_per_seq = seq * 2 * (a.layers * a.hidden + 6 * a.hidden + 3 * a.intermediate)
-    if not fused_logprobs:
-        act_per_seq += seq * a.vocab * 4 * 2  # fp32 logits and their gradient
+    act_per_seq = _act_per_seq(a, seq, fused_logprobs)
+    if reward_arch is not None:  # the value rows: the same tokens, the reward tower's patch count
+        act_per_seq += _act_per_seq(reward_arch, reward_arch.n_patches + prompt_len + response_len, fused_logprobs)
     static_total = sum(static.values())
     free = gpu_gib * GiB - static_total
     # Rollout: KV cache + sampling logits for the last position of each sequence.
@@ -109,7 +155,8 @@ def plan(a: Arch, lora_r: int, lora_targets, prompt_len: int, response_len: int,
         f"activations, step chunk {step_chunk} × {seq} tokens (checkpointed)": step_chunk * act_per_seq,
     }
     peak = static_total + max(dynamic.values())
-    return {"params": c, "static_bytes": static, "dynamic_bytes": dynamic, "peak_bytes": peak,
+    return {"params": c, "reward_params": None if reward_arch is None else rc, "static_bytes": static,
+            "dynamic_bytes": dynamic, "peak_bytes": peak,
             "gpu_bytes": gpu_gib * GiB, "fits": peak <= gpu_gib * GiB, "max_rollout_chunk": max_rollout,
             "max_step_chunk": max_step, "seq_len": seq}
 
@@ -118,6 +165,8 @@ def format_plan(name: str, p: dict) -> str:
     lines = [f"PPO memory plan for {name} (sequence = {p['seq_len']} tokens incl. image patches)"]
     for k, v in p["params"].items():
         lines.append(f"  params {k:<24} {v / 1e6:>12,.2f} M")
+    for k, v in (p.get("reward_params") or {}).items():
+        lines.append(f"  reward base params {k:<18} {v / 1e6:>9,.2f} M")
     for section in ("static_bytes", "dynamic_bytes"):
         for k, v in p[section].items():
             lines.append(f"  {k:<62} {v / GiB:>8.2f} GiB")

@@ -8,6 +8,7 @@
     factrl experiment ...         # SFT once, then vanilla vs fact RM + PPO per seed (`make experiment`)
     factrl plan     --config llava-v1.5-13b [--gpu-gib 80] [key=value ...]
     factrl data shapes --out DIR --n N --seed S [--image-size 48]
+    factrl convert  SRC DST [--vision-tower CLIP_DIR]   # original LLaVA layout → llava-hf
 """
 
 from __future__ import annotations
@@ -28,28 +29,41 @@ STAGES = {
 }
 
 
-def _plan(cfg, gpu_gib: float, name: str) -> None:
+def _arch(checkpoint: str, name: str):
+    """The architecture of a llava-hf checkpoint directory, else of a known name (model.plan.ARCH), else None."""
     from pathlib import Path
 
-    from factrl.model.plan import ARCH, Arch, arch_from_model_config, format_plan, plan
+    from factrl.model.plan import ARCH, Arch
 
-    if cfg.model.checkpoint and Path(cfg.model.checkpoint).is_dir():
+    if checkpoint and Path(checkpoint).is_dir():
         from factrl.model.io import read_llava_config
 
-        _, hf = read_llava_config(Path(cfg.model.checkpoint))
+        _, hf = read_llava_config(Path(checkpoint))
         t, v = hf.text_config, hf.vision_config
-        arch = Arch(t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
+        return Arch(t.hidden_size, t.num_hidden_layers, t.num_attention_heads,
                     t.num_key_value_heads or t.num_attention_heads, t.intermediate_size, t.vocab_size,
                     v.hidden_size, v.num_hidden_layers, v.intermediate_size, v.image_size, v.patch_size)
-    elif name in ARCH:
-        arch = Arch(**ARCH[name])
-    else:
-        arch = arch_from_model_config(cfg.model)
+    return Arch(**ARCH[name]) if name in ARCH else None
+
+
+def _plan(cfg, gpu_gib: float, name: str, arch_name: str = "", reward_base: str = "") -> None:
+    from factrl.model.plan import ARCH, arch_from_model_config, format_plan, plan
+
+    if arch_name and arch_name not in ARCH:
+        raise ConfigError(f"plan: --arch {arch_name!r} is not one of {', '.join(ARCH)}")
+    arch = _arch(cfg.model.checkpoint, arch_name or name) or arch_from_model_config(cfg.model)
+    reward_base = reward_base or cfg.ppo.reward_base
+    reward_arch = _arch(reward_base, reward_base) if reward_base else None
+    if reward_base and reward_arch is None:
+        raise ConfigError(f"plan: reward base {reward_base!r} is neither a checkpoint directory nor one of "
+                          f"{', '.join(ARCH)}")
     p = plan(arch, cfg.model.lora.r, cfg.model.lora.targets, cfg.data.max_prompt_len, cfg.ppo.max_response_len,
              gpu_gib=gpu_gib, rollout_chunk=cfg.ppo.rollout_chunk_size, step_chunk=cfg.ppo.batch_size,
-             blocksize=cfg.model.blocksize)
-    print(format_plan(name, p))
-    print(json.dumps({"preset": name, "peak_gib": round(p["peak_bytes"] / 2 ** 30, 2), "fits": p["fits"],
+             blocksize=cfg.model.blocksize, reward_arch=reward_arch, init_adapter=bool(cfg.ppo.init_adapter))
+    title = arch_name or name
+    print(format_plan(title if reward_arch is None else f"{title} + reward/value on {reward_base}", p))
+    extra = {"reward_base": reward_base} if reward_arch is not None else {}
+    print(json.dumps({"preset": name, **extra, "peak_gib": round(p["peak_bytes"] / 2 ** 30, 2), "fits": p["fits"],
                       "max_rollout_chunk": p["max_rollout_chunk"], "max_step_chunk": p["max_step_chunk"]}))
 
 
@@ -63,6 +77,10 @@ def main(argv=None) -> int:
         p.add_argument("overrides", nargs="*", help="key=value overrides, nested keys with dots")
         if name == "plan":
             p.add_argument("--gpu-gib", type=float, default=80.0)
+            p.add_argument("--arch", default="", help="the policy base's architecture by name (model.plan.ARCH), "
+                                                      "when neither model.checkpoint nor the preset gives it")
+            p.add_argument("--reward-base", default="", help="two-base mode: a checkpoint directory or an "
+                                                             "architecture name (default: ppo.reward_base)")
         if name == "eval":  # = eval.benchmark=NAME (the benchmarks' files are eval.pope/mmhal/chair fields)
             p.add_argument("--benchmark", choices=["shapes", "pope", "mmhal", "chair"], default=None,
                            help="shapes: ShapesWorld's held-out sets (default); pope, mmhal, chair: the published "
@@ -74,9 +92,25 @@ def main(argv=None) -> int:
     s.add_argument("--n", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=48)
+    c = sub.add_parser("convert", help="rewrite an original-layout LLaVA checkpoint (LlavaLlamaForCausalLM) "
+                                       "as a llava-hf directory")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--vision-tower", default=None,
+                   help="the local CLIP directory (default: the checkpoint's mm_vision_tower, if local)")
     args = ap.parse_args(argv)
 
     try:
+        if args.cmd == "convert":
+            from factrl.model.io import CheckpointError
+            from factrl.model.original import convert_original
+
+            try:
+                print(json.dumps(convert_original(args.src, args.dst, args.vision_tower)))
+            except CheckpointError as e:
+                print(f"factrl: convert: {e}", file=sys.stderr)
+                return 2
+            return 0
         if args.cmd == "data":
             from factrl.trainers.shapesworld.dataset import write_dataset
 
@@ -88,7 +122,7 @@ def main(argv=None) -> int:
             overrides.append(f"eval.benchmark={args.benchmark}")
         cfg = load_config(args.config, overrides)
         if args.cmd == "plan":
-            _plan(cfg, args.gpu_gib, args.config)
+            _plan(cfg, args.gpu_gib, args.config, args.arch, args.reward_base)
             return 0
         import importlib
 

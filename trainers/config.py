@@ -160,6 +160,19 @@ class PPOConfig(OptimConfig):
 
     base: str = ""  # as rm.base
     reward_adapter: str = ""  # empty = <run.out_dir>/rm/reward_adapter
+    # RL-init (the recipe's policy start, RLHF/models/ppo_trainer.py:1015-1084): a PEFT adapter
+    # directory (a qlora `factrl sft` run's sft/adapter, or a released one: adapter_model.bin +
+    # adapter_config.json) trained on ppo.base. The policy starts as a trainable copy of it and the
+    # reference is the base with it, frozen. Empty = the policy starts at the base (LoRA B = 0)
+    # and the reference is the base alone. With it and ppo.base empty, the base is the adapter's
+    # base_model_name_or_path (never sft/final: a qlora SFT merged its adapter into that one).
+    init_adapter: str = ""
+    # A second checkpoint for the reward and value roles (the recipe's 13B RM/value beside a 7B
+    # policy, train_rl_model.sh --reward_base_model_name, --vision_tower different): its own NF4
+    # base, CLIP tower and image size; the policy and reference stay on ppo.base. Its tokenizer
+    # must equal the policy's (as the recipe, which reads both with the policy's). Empty = every
+    # role on one base (the default).
+    reward_base: str = ""
     fact_augmented: bool = True  # the RM prompt PPO builds (must match how the RM was trained)
     save_merged: bool = False  # also write a merged llava-hf checkpoint of the policy
     grouped_scoring: bool = True  # policy/reference/value rows in one pass over the base weights

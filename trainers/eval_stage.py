@@ -22,7 +22,7 @@ from factrl.trainers.config import Config, ConfigError
 from factrl.trainers.data import SYSTEM_PROMPT, _record_id, image_loader, pad, pad_mask, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
-from factrl.trainers.setup import Assets, load_assets, stage_base
+from factrl.trainers.setup import Assets, load_assets
 from factrl.trainers.shapesworld.scoring import blind_answers, run_eval
 from factrl.trainers.stage import Stage
 
@@ -100,9 +100,9 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
         raise ValueError(f"unknown eval columns {unknown} (known: {', '.join(COLUMNS)})")
     stage = Stage(cfg, "eval")
     device, out = stage.device, stage.out
-    a, adapters = load_models(cfg, stage, columns, reward=True)
+    a, ra, adapters = load_models(cfg, stage, columns, reward=True)
     model = a.model
-    rm = rm_eval(model, a, cfg, device) if adapters else {}
+    rm = rm_eval(ra.model, ra, cfg, device) if adapters else {}
     gens = {name: make_generate_fn(model, a.tokenizer, a.images, a.num_image_tokens, adapter,
                                    cfg.eval.max_new_tokens, device, cfg.data.system_prompt)
             for name, adapter in adapters.items()}
@@ -121,22 +121,29 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     return results
 
 
-def load_models(cfg: Config, stage: Stage, columns, reward: bool) -> tuple[Assets, dict]:
-    """The NF4 base PPO used, with (``reward``) this run's reward adapter and, for a ppo column, its
-    policy adapter; (assets, {column: adapter}) for the sft (adapters off) and ppo columns that exist."""
+def load_models(cfg: Config, stage: Stage, columns, reward: bool) -> tuple[Assets, Assets, dict]:
+    """The NF4 base PPO's policy used, with its policy adapter for a ppo column, and (``reward``)
+    this run's reward adapter on the base it lives on: ``ppo.reward_base`` in two-base mode (read
+    with its own tower and image size), else the same one. (policy assets, reward assets,
+    {column: adapter}) for the sft (adapters off) and ppo columns that exist."""
     from factrl.model.io import load_adapter
+    from factrl.trainers.ppo import policy_base
 
     layout = stage.layout
-    a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=stage.device)
-    model = a.model.eval()
+    a = load_assets(cfg, policy_base(cfg, layout), quantize=cfg.model.quantize, device=stage.device)
+    a.model.eval()
+    ra = a
     rm_dir = Path(cfg.ppo.reward_adapter or layout.reward_adapter)
     if reward and rm_dir.is_dir():
-        load_adapter(model, rm_dir, "reward", trainable=False)
+        if cfg.ppo.reward_base:
+            ra = load_assets(cfg, Path(cfg.ppo.reward_base), quantize=cfg.model.quantize, device=stage.device)
+            ra.model.eval()
+        load_adapter(ra.model, rm_dir, "reward", trainable=False)
     adapters = {"sft": None} if "sft" in columns else {}
     if "ppo" in columns and layout.policy_adapter.is_dir():
-        load_adapter(model, layout.policy_adapter, "policy", trainable=False)
+        load_adapter(a.model, layout.policy_adapter, "policy", trainable=False)
         adapters["ppo"] = "policy"
-    return a, adapters
+    return a, ra, adapters
 
 
 # ---- the published benchmarks (trainers/benchmarks.py) ------------------------------------------------------
@@ -207,7 +214,7 @@ def evaluate_benchmark(cfg: Config, columns=("sft", "ppo")) -> dict:
     # 2. the models: the base (sft) and the PPO policy, as evaluate_models
     stage = Stage(cfg, "eval")
     out.mkdir(parents=True, exist_ok=True)
-    a, adapters = load_models(cfg, stage, columns, reward=False)
+    a, _, adapters = load_models(cfg, stage, columns, reward=False)
     loader = image_loader(images, a.processor, cfg.data.image_aspect)
     # 3. generate and score, column by column
     results = {}

@@ -3,11 +3,16 @@
 Roles on the one base: ``policy`` adapter (trainable, starts as the SFT model: LoRA B = 0),
 reference = adapters off (exactly the SFT model), ``value`` adapter initialized from the
 reward adapter + a zero-initialized value head (trainable), ``reward`` adapter + head (frozen,
-from the RM stage). One PPO step reads top-down:
+from the RM stage). Two options of the recipe: ``ppo.init_adapter`` (RL-init: the policy starts
+as a trainable copy of that adapter, the reference is the base with it, frozen) and
+``ppo.reward_base`` (reward and value on a second NF4 base with its own CLIP tower, e.g. a 13B RM
+beside a 7B policy: each base's rows get their own image features and their own passes).
+One PPO step reads top-down:
 
   1. rollout   — sample responses for a batch of prompts (policy), in memory-bounded chunks
-  2. score     — old log-probs (policy), reference log-probs (no adapter), values (value role);
-                 grouped into one base pass; reward (reward role) on the fact-augmented RM prompt
+  2. score     — old log-probs (policy), reference log-probs (no adapter, or the frozen RL-init
+                 one), values (value role); grouped into one pass per base; reward (reward role)
+                 on the fact-augmented RM prompt
   3. shape     — RM score, no-EOS penalty, length term, correctness bonus, per-token KL
   4. GAE       — advantages and returns (kernel), advantages whitened over valid tokens
   5. PPO epochs — clipped policy + value losses on shuffled minibatches, accumulation, clipping
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -52,7 +58,7 @@ from factrl.trainers.run import autocast
 from factrl.trainers.setup import Assets, load_assets, stage_base, to_device
 from factrl.trainers.stage import Stage, epoch_order, trainable_adapter
 
-POLICY, VALUE = "policy", "value"
+POLICY, VALUE, REFERENCE = "policy", "value", "reference"
 _TENSORS = ("input_ids", "attention_mask", "response", "response_mask", "image_rows", "lengths", "stopped",
             "caption_type", "length_bonus", "old_logprobs", "ref_logprobs", "values", "advantages", "returns")
 
@@ -84,6 +90,9 @@ class Rollout:
     values: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
     returns: Optional[torch.Tensor] = None
+    # Two-base mode: the same rows as the reward base reads them (its query has that tower's
+    # image-token count, its image_features that tower's), which the value role runs on.
+    reward_view: Optional["Rollout"] = None
 
     @property
     def R(self) -> int:
@@ -101,7 +110,8 @@ class Rollout:
         feats = self.image_features[rows[has]] if self.image_features is not None and bool(has.any()) else None
         new = {k: getattr(self, k)[t] for k in _TENSORS if getattr(self, k) is not None}
         new["image_rows"] = image_rows(has)
-        return replace(self, image_features=feats, **new)
+        view = self.reward_view.select(idx) if self.reward_view is not None else None
+        return replace(self, image_features=feats, reward_view=view, **new)
 
 
 def image_rows(has_image: torch.Tensor) -> torch.Tensor:
@@ -109,17 +119,62 @@ def image_rows(has_image: torch.Tensor) -> torch.Tensor:
     return torch.where(has_image, torch.cumsum(has_image.long(), 0) - 1, -1)
 
 
+@dataclass
+class RewardBase:
+    """Two-base mode's second base: ``model`` (NF4, carries the reward and value roles),
+    ``images`` (file name → pixels for *its* tower: own resolution and normalization),
+    ``num_image_tokens`` (its patches per image), ``path``."""
+
+    model: object
+    images: Optional[Callable[[str], torch.Tensor]]
+    num_image_tokens: int
+    path: object
+
+
+def expand_images(ids: list[int], image_id: int, n: int) -> list[int]:
+    """``ids`` with each run of ``image_id`` (one image's tokens) replaced by ``n`` of them: a
+    query rendered for the policy's tower, re-rendered for the reward base's (336 px: 576 patches
+    where 224 px has 256). Prompts hold one image each, so runs never merge."""
+    out, prev = [], None
+    for t in ids:
+        if t != image_id:
+            out.append(t)
+        elif prev != image_id:
+            out += [image_id] * n
+        prev = t
+    return out
+
+
+def reward_view(ro: "Rollout", prompts: list, reward: RewardBase, pad_id: int, image_id: int,
+                image_features: Optional[torch.Tensor]) -> "Rollout":
+    """The rollout's rows as the reward base reads them: each query re-rendered with that
+    tower's image-token count (left-padded again), the same responses, its own image features."""
+    q = [expand_images(p.query_ids, image_id, reward.num_image_tokens) for p in prompts]
+    dev = ro.input_ids.device
+    query, query_mask = pad(q, pad_id, left=True).to(dev), pad_mask(q, left=True).to(dev)
+    return replace(ro, input_ids=torch.cat([query, ro.response], 1),
+                   attention_mask=torch.cat([query_mask, ro.response_mask], 1), image_features=image_features)
+
+
 # ---- 1. rollout -----------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(model, tok, prompts: list, images, cfg: Config, device, generator, cut_ids=None) -> Rollout:
+def rollout(model, tok, prompts: list, images, cfg: Config, device, generator, cut_ids=None,
+            reward: Optional[RewardBase] = None) -> Rollout:
     """Sample a response to each prompt with the policy, ``rollout_chunk_size`` prompts at a time;
-    responses are cut after their first token in ``cut_ids`` (the recipe's "?" cut) if given."""
+    responses are cut after their first token in ``cut_ids`` (the recipe's "?" cut) if given.
+    With a ``reward`` base, also its view of the rows (``Rollout.reward_view``): image features are
+    computed here once per tower and reused by every pass of the step."""
     p = cfg.ppo
     parts = []  # (collated prompts, their image features, the generation) per chunk
+    reward_feats = []  # two-base mode: the reward tower's features per chunk
     model.eval()
     for i in range(0, len(prompts), p.rollout_chunk_size):
         b = to_device(collate_prompts(prompts[i:i + p.rollout_chunk_size], tok.pad_token_id, images), device)
         feats = model.encode_images(b["pixel_values"]) if b["pixel_values"] is not None else None
+        if reward is not None and feats is not None:
+            px = torch.stack([reward.images(e.image) for e in prompts[i:i + p.rollout_chunk_size]
+                              if e.image is not None]).to(device)
+            reward_feats.append(reward.model.encode_images(px))
         with model.adapter(POLICY), autocast(device, cfg.model.dtype):
             g = model.generate(b["input_ids"], b["attention_mask"], image_features=feats,
                                max_new_tokens=p.max_response_len, temperature=p.temperature, top_p=p.top_p,
@@ -138,10 +193,14 @@ def rollout(model, tok, prompts: list, images, cfg: Config, device, generator, c
     response_mask = (torch.arange(R, device=device)[None] < lengths[:, None]).long()
     has = cat("has_image")
     feats = [f for _, f, _ in parts if f is not None]
-    return Rollout(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1), response,
-                   response_mask, torch.cat(feats) if feats else None,
-                   image_rows(has), lengths,
-                   torch.cat([g.stopped for *_, g in parts]), cat("caption_type"), cat("length_bonus"))
+    ro = Rollout(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1), response,
+                 response_mask, torch.cat(feats) if feats else None,
+                 image_rows(has), lengths,
+                 torch.cat([g.stopped for *_, g in parts]), cat("caption_type"), cat("length_bonus"))
+    if reward is not None:
+        ro.reward_view = reward_view(ro, prompts, reward, tok.pad_token_id, model.image_token_id,
+                                     torch.cat(reward_feats) if reward_feats else None)
+    return ro
 
 
 def response_texts(tok, ro: Rollout) -> list[str]:
@@ -177,40 +236,62 @@ def forward_roles(model, b: Rollout, roles: list, grouped: bool):
     return out
 
 
+def reference_role(cfg: Config) -> Optional[str]:
+    """The reference's adapter: the RL-init one (frozen) with ``ppo.init_adapter``, else None (the base)."""
+    return REFERENCE if cfg.ppo.init_adapter else None
+
+
 @torch.no_grad()
-def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device) -> torch.Tensor:
-    """Fill old/ref log-probs and values; return RM scores ``[B]`` (``prompts`` row for row)."""
+def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
+          reward: Optional[RewardBase] = None) -> torch.Tensor:
+    """Fill old/ref log-probs and values; return RM scores ``[B]`` (``prompts`` row for row).
+    One base: policy, reference and value rows in one grouped pass. Two bases: policy and
+    reference grouped on the policy base, value and reward on the reward base (its view)."""
     p = cfg.ppo
     template = rm_prompt.load_template(cfg.data.fact_template, p.fact_augmented)
+    ref_role = reference_role(cfg)
+    rmodel = model if reward is None else reward.model
     model.eval()
+    rmodel.eval()
     lp, ref, val, scores = [], [], [], []
     B = ro.input_ids.shape[0]
     for i in range(0, B, p.batch_size):
         idx = list(range(i, min(B, i + p.batch_size)))
         b = ro.select(idx)
+        rb = b if reward is None else b.reward_view  # the rows as the reward base reads them
         with autocast(device, cfg.model.dtype):
-            h_pol, h_ref, h_val = forward_roles(model, b, [POLICY, None, VALUE], p.grouped_scoring)
+            if reward is None:
+                h_pol, h_ref, h_val = forward_roles(model, b, [POLICY, ref_role, VALUE], p.grouped_scoring)
+            else:
+                h_pol, h_ref = forward_roles(model, b, [POLICY, ref_role], p.grouped_scoring)
+                (h_val,) = forward_roles(rmodel, rb, [VALUE], p.grouped_scoring)
         lp.append(response_logprobs(model, h_pol, b, p.temperature))
         ref.append(response_logprobs(model, h_ref, b, p.temperature))
-        val.append(response_values(model, h_val, b))
+        val.append(response_values(rmodel, h_val, rb))
         # the reward role reads the RM prompt built from the same response
         # captions shuffled at each use (ppo_trainer.py:356-361) by the global RNG, which checkpoints keep
-        rm_ids = [build_rm_input(tok, prompts[j].query_ids, ro.response[j, :int(ro.lengths[j])].tolist(),
-                                 rm_prompt.render(template, prompts[j].captions, random)) for j in idx]
+        queries = [prompts[j].query_ids if reward is None else
+                   expand_images(prompts[j].query_ids, model.image_token_id, reward.num_image_tokens) for j in idx]
+        rm_ids = [build_rm_input(tok, q, ro.response[j, :int(ro.lengths[j])].tolist(),
+                                 rm_prompt.render(template, prompts[j].captions, random)) for q, j in zip(queries, idx)]
         ids, mask = pad(rm_ids, tok.pad_token_id).to(device), pad_mask(rm_ids).to(device)
-        with model.adapter(REWARD), autocast(device, cfg.model.dtype):
-            h = model(ids, mask, image_features=b.image_features)
-        scores.append(last_token_scores(model, REWARD, h, mask))
+        with rmodel.adapter(REWARD), autocast(device, cfg.model.dtype):
+            h = rmodel(ids, mask, image_features=rb.image_features)
+        scores.append(last_token_scores(rmodel, REWARD, h, mask))
     ro.old_logprobs, ro.ref_logprobs, ro.values = torch.cat(lp), torch.cat(ref), torch.cat(val)
     return torch.cat(scores)
 
 
 # ---- 5. PPO epochs --------------------------------------------------------------------------------------
-def ppo_update(model, ro: Rollout, stage: Stage, cfg: Config, generator) -> dict:
+def ppo_update(model, ro: Rollout, stage: Stage, cfg: Config, generator,
+               reward: Optional[RewardBase] = None) -> dict:
     """``ppo_epochs`` passes over the rollout in shuffled minibatches of ``step_batch_size``
-    rows (one optimizer step each), forwarded ``batch_size`` rows at a time."""
+    rows (one optimizer step each), forwarded ``batch_size`` rows at a time. Two bases: the
+    value role's rows run on the reward base."""
     p, device = cfg.ppo, stage.device
+    rmodel = model if reward is None else reward.model
     model.train()
+    rmodel.train()
     B = ro.input_ids.shape[0]
     stats: dict[str, list] = {}
     n_mb = max(1, B // p.step_batch_size)
@@ -224,9 +305,13 @@ def ppo_update(model, ro: Rollout, stage: Stage, cfg: Config, generator) -> dict
                 b = ro.select(mb[i:i + p.batch_size])
                 w = float(b.response_mask.sum()) / max(tokens, 1.0)  # token-level mean over the minibatch
                 with autocast(device, cfg.model.dtype):
-                    h_pol, h_val = forward_roles(model, b, [POLICY, VALUE], p.grouped_scoring)
+                    if reward is None:
+                        h_pol, h_val = forward_roles(model, b, [POLICY, VALUE], p.grouped_scoring)
+                    else:
+                        (h_pol,) = forward_roles(model, b, [POLICY], p.grouped_scoring)
+                        (h_val,) = forward_roles(rmodel, b.reward_view, [VALUE], p.grouped_scoring)
                     logprobs, ent = response_logprobs(model, h_pol, b, p.temperature, entropy=True)
-                    values = response_values(model, h_val, b)
+                    values = response_values(rmodel, h_val, b if reward is None else b.reward_view)
                 mask = b.response_mask
                 pg, clipfrac, approx_kl = policy_loss(logprobs, b.old_logprobs, b.advantages, mask, p.clip_range)
                 vf, vf_clipfrac = value_loss(values, b.values, b.returns, mask, p.clip_range_value)
@@ -268,16 +353,55 @@ def held_out_eval(a: Assets, eval_fn: EvalFn, step: int, device) -> dict:
 
 
 # ---- the loop -------------------------------------------------------------------------------------------
-def build_roles(model, cfg: Config, reward_dir) -> list:
-    """policy (fresh, B=0), value (from reward) + zero value head, reward (frozen); returns trainables."""
+def build_roles(model, cfg: Config, reward_dir, reward_model=None) -> list:
+    """reward (frozen), policy, value (from reward) + zero value head; returns trainables.
+
+    The policy is fresh (B = 0) or, with ``ppo.init_adapter``, a trainable copy of the RL-init
+    adapter, which also stays loaded frozen as the reference (ppo_trainer.py:1015-1024 loads it
+    as ``lora_policy`` trainable, :1076-1084 again as ``lora_ref_policy`` frozen). Reward and
+    value live on ``reward_model`` (two-base mode) or on ``model``; value starts as the reward
+    adapter with a zeroed head (ppo_trainer.py:1034-1047, rl_models.py:204-208)."""
     from factrl.model.io import load_adapter
 
+    rmodel = model if reward_model is None else reward_model
     model.requires_grad_(False)
-    load_adapter(model, reward_dir, REWARD, trainable=False)
-    if REWARD not in model.heads:
-        raise FileNotFoundError(f"{reward_dir}: no reward head (heads.safetensors) beside the adapter")
-    return (trainable_adapter(model, POLICY, cfg.model.lora)
-            + trainable_adapter(model, VALUE, copy_from=REWARD, head=True))
+    rmodel.requires_grad_(False)
+    load_adapter(rmodel, reward_dir, REWARD, trainable=False)
+    if REWARD not in rmodel.heads:
+        raise FileNotFoundError(f"{reward_dir}: no reward head (heads.safetensors or the original's reward_head) "
+                                "beside the adapter")
+    if cfg.ppo.init_adapter:
+        load_adapter(model, cfg.ppo.init_adapter, REFERENCE, trainable=False)
+        policy = trainable_adapter(model, POLICY, copy_from=REFERENCE)
+    else:
+        policy = trainable_adapter(model, POLICY, cfg.model.lora)
+    return policy + trainable_adapter(rmodel, VALUE, copy_from=REWARD, head=True)
+
+
+def policy_base(cfg: Config, layout) -> Path:
+    """What the policy and reference quantize: ``ppo.base``; with an RL-init adapter and no
+    ppo.base, the base that adapter was trained on (its adapter_config.json, as the original's
+    load_4bit_model_for_inference, qlora_model.py:244-245); else as rm.base."""
+    from factrl.model.io import adapter_base
+
+    p = cfg.ppo
+    if p.base or not p.init_adapter:
+        return stage_base(cfg, layout, p.base)
+    base = adapter_base(p.init_adapter)
+    if base is None or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{p.init_adapter}: its base_model_name_or_path {base!r} is not a local checkpoint; "
+                                "set ppo.base to the checkpoint the RL-init adapter was trained on")
+    return Path(base)
+
+
+def load_reward_base(cfg: Config, policy_tok, device) -> RewardBase:
+    """``ppo.reward_base`` as an NF4 base with its own tower and image loader; its tokenizer must
+    be the policy's (the recipe reads both bases with the policy's, finetune_lora_ppo.py:458-466)."""
+    a = load_assets(cfg, Path(cfg.ppo.reward_base), quantize=cfg.model.quantize, device=device)
+    if a.tokenizer.get_vocab() != policy_tok.get_vocab():
+        raise ValueError(f"ppo.reward_base={cfg.ppo.reward_base}: its tokenizer differs from the policy base's "
+                         f"({len(a.tokenizer)} vs {len(policy_tok)} tokens); both bases must share one vocabulary")
+    return RewardBase(a.model, a.images, a.num_image_tokens, a.base)
 
 
 def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
@@ -287,10 +411,13 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
     stage = Stage(cfg, "ppo")
     device, layout, out = stage.device, stage.layout, stage.out
 
-    # Model: the SFT checkpoint as one NF4 base with every role on it
-    a = load_assets(cfg, stage_base(cfg, layout, p.base), quantize=cfg.model.quantize, device=device)
+    # Model: the SFT checkpoint as one NF4 base with every role on it, or (ppo.reward_base) the
+    # policy and reference on it and reward and value on a second base
+    a = load_assets(cfg, policy_base(cfg, layout), quantize=cfg.model.quantize, device=device)
     model, tok = a.model, a.tokenizer
-    params = build_roles(model, cfg, p.reward_adapter or str(layout.reward_adapter))
+    reward = load_reward_base(cfg, tok, device) if p.reward_base else None
+    params = build_roles(model, cfg, p.reward_adapter or str(layout.reward_adapter),
+                         None if reward is None else reward.model)
 
     # Prompts (too-long ones dropped and counted)
     # captions only for a fact-augmented RM (a vanilla one needs no captions file)
@@ -311,7 +438,9 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
     kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)  # rollout sampling
     shuffle = torch.Generator().manual_seed(cfg.run.seed + 2)  # minibatch order
-    saved = stage.train(model, params, p, steps, generators={"rollout": gen, "shuffle": shuffle})
+    # the checkpoint holds every trainable of both bases (one base: the model itself, names unchanged)
+    trained = model if reward is None else torch.nn.ModuleDict({"policy_base": model, "reward_base": reward.model})
+    saved = stage.train(trained, params, p, steps, generators={"rollout": gen, "shuffle": shuffle})
     kl_ctl.coef = saved.get("kl_coef", kl_ctl.coef)
 
     log = stage.log
@@ -329,11 +458,11 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
         batch = [prompts[i] for i in order[pos * p.rollout_batch_size:(pos + 1) * p.rollout_batch_size]]
         # 1. rollout
         with log.timer("generation"):
-            ro = rollout(model, tok, batch, a.images, cfg, device, gen, cut_ids)
+            ro = rollout(model, tok, batch, a.images, cfg, device, gen, cut_ids, reward)
             texts = response_texts(tok, ro)
         # 2. score: old/ref log-probs, values, RM score
         with log.timer("scoring"):
-            rm_score = score(model, tok, ro, batch, cfg, device)
+            rm_score = score(model, tok, ro, batch, cfg, device, reward)
         # 3. shape rewards
         correct = correctness(texts, ro.caption_type.tolist(), p.correct_rule).to(device)
         if p.reward_whiten:
@@ -350,7 +479,7 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
         ro.advantages, ro.returns = adv, ret
         # 5. PPO epochs
         with log.timer("training"):
-            upd = ppo_update(model, ro, stage, cfg, shuffle)
+            upd = ppo_update(model, ro, stage, cfg, shuffle, reward)
         stage.scheduler.step()  # once per PPO step, as RLHF/models/rl_trainer.py:245-252
         # 6. log
         n_tok = float(ro.response_mask.sum())
@@ -385,7 +514,8 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
     from factrl.model.io import save_adapter, save_llava_hf
 
     save_adapter(model, POLICY, layout.policy_adapter, base_path=str(a.base))
-    save_adapter(model, VALUE, layout.value_adapter, base_path=str(a.base), heads=(VALUE,))
+    save_adapter(model if reward is None else reward.model, VALUE, layout.value_adapter,
+                 base_path=str(a.base if reward is None else reward.path), heads=(VALUE,))
     if p.save_merged:
         save_llava_hf(model, layout.merged_policy, tok, a.processor, merge_adapter=POLICY)
     return {"stage": "ppo", "policy_adapter": str(layout.policy_adapter), "steps": steps, **last}
