@@ -13,6 +13,27 @@ from factrl.trainers.config import ConfigError, load_config
 MICRO = [*MICRO_MODEL, "data.shapes_n=40", "sft.batch_size=4", "sft.lr=3e-3"]
 
 
+# ---- 1. the embedded world never writes into a user's data folder -------------------------------------
+def test_1_shapesworld_is_not_generated_into_a_users_data_folder(tmp_path):
+    from factrl.trainers.data import DataError
+    from factrl.trainers.embedded import ensure_dataset
+
+    user = tmp_path / "mydata"
+    (user / "images").mkdir(parents=True)
+    (user / "preference.json").write_text('["mine"]')
+    (user / "images" / "cat.png").write_bytes(b"my picture")
+    before = {p: p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    cfg = load_config("tiny", [f"data.root={user}", "data.sft_file=absent.json", f"run.out_dir={tmp_path}/run",
+                               "data.shapes_n=8"])
+    with pytest.raises(DataError, match="absent.json.*not generated"):
+        ensure_dataset(cfg)
+    assert {p: p.read_bytes() for p in user.rglob("*") if p.is_file()} == before  # nothing written
+    # a new folder, or one the run owns (under run.out_dir), is generated into
+    for root in (tmp_path / "new", tmp_path / "run" / "data"):
+        ensure_dataset(load_config("tiny", [f"data.root={root}", f"run.out_dir={tmp_path}/run", "data.shapes_n=8"]))
+        assert (root / "sft.json").is_file()
+
+
 # ---- 6. invalid values are refused at load, naming the key ------------------------------------------------
 @pytest.mark.parametrize("override, key", [
     ("sft.batch_size=-1", "sft.batch_size"), ("sft.batch_size=0", "sft.batch_size"),
