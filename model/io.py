@@ -44,7 +44,8 @@ def atomic_dir(path: str | os.PathLike, directory: bool = True):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        # the writer's pid in the name: a dead writer's leftovers are recognised (checkpoint.remove_dead_temps)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     else:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -5,12 +5,65 @@ model (a linear layer, milliseconds a step): the stage - lock, checkpoints, mani
 config comparison, signals - is what SFT, RM and PPO share. The kill -9 property runs the real CLI.
 """
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import pytest
+import torch
 from micro import MICRO_MODEL
 
+from factrl.trainers.checkpoint import CheckpointError, Checkpoints
 from factrl.trainers.config import ConfigError, load_config
+from factrl.trainers.logs import read_metrics
+from factrl.trainers.run import RunDirError, lock_out_dir
+from factrl.trainers.stage import Interrupted, Stage
 
 MICRO = [*MICRO_MODEL, "data.shapes_n=40", "sft.batch_size=4", "sft.lr=3e-3"]
+
+
+# ---- a toy stage: the real Stage around a linear layer --------------------------------------------------
+def toy_cfg(out, *extra):
+    return load_config("tiny", [f"run.out_dir={out}", "run.progress=false", "sft.save_every=2", "sft.keep_last=2",
+                                "sft.warmup_steps=1", "sft.schedule=cosine", *extra])
+
+
+def toy_run(out, steps=6, *extra, die_after=None, on_step=None):
+    """Train a 4->1 linear layer for ``steps`` steps as stage "sft"; ``die_after``: raise
+    KeyboardInterrupt after that step (a kill right after it); ``on_step(step)`` runs mid-step."""
+    cfg = toy_cfg(out, *extra)
+    stage = Stage(cfg, "sft")
+    model = torch.nn.Linear(4, 1)  # initialized from the seeded global RNG
+    stage.train(model, list(model.parameters()), cfg.sft, steps)
+    for step in range(stage.start, steps):
+        x = torch.randn(8, 4)  # the global RNG: restored from the checkpoint on resume
+        loss = ((model(x) - 1) ** 2).mean()
+        loss.backward()
+        if on_step is not None:
+            on_step(step + 1)
+        stage.optimizer_step(loss.detach())
+        stage.end_step(step + 1, {"loss": float(loss.detach()), "lr": stage.lr})
+        if die_after == step + 1:
+            raise KeyboardInterrupt("simulated kill")
+    stage.finish(["loss"])
+    return read_metrics(out / "sft" / "metrics.jsonl")
+
+
+def losses(rows):
+    return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    return toy_run(tmp_path_factory.mktemp("straight"), 6)
+
+
+def killed_at(out, step, *extra):
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(out, 6, *extra, die_after=step)
 
 
 # ---- 1. the embedded world never writes into a user's data folder -------------------------------------
@@ -32,6 +85,137 @@ def test_1_shapesworld_is_not_generated_into_a_users_data_folder(tmp_path):
     for root in (tmp_path / "new", tmp_path / "run" / "data"):
         ensure_dataset(load_config("tiny", [f"data.root={root}", f"run.out_dir={tmp_path}/run", "data.shapes_n=8"]))
         assert (root / "sft.json").is_file()
+
+
+# ---- 2. a reused out_dir: no fresh run on another's results, keep-last, resume past the end ---------------
+def test_2_fresh_run_into_a_used_stage_dir_refuses_and_overwrite_replaces_it(tmp_path, straight):
+    out = tmp_path / "run"
+    toy_run(out, 6)
+    with pytest.raises(RunDirError, match="run.resume=auto.*run.overwrite=true"):
+        toy_run(out, 4)
+    assert [p.name for p in Checkpoints(out / "sft" / "checkpoints").complete()] == ["step-00000004",
+                                                                                      "step-00000006"]
+    rows = toy_run(out, 4, "run.overwrite=true")  # asked for: the old run's results go
+    assert losses(rows) == losses(toy_run(tmp_path / "fresh", 4))  # the same as into a new directory
+    assert [p.name for p in Checkpoints(out / "sft" / "checkpoints").complete()] == ["step-00000002",
+                                                                                      "step-00000004"]
+
+
+def test_2_keep_last_never_deletes_a_newer_checkpoint(tmp_path):
+    cfg = load_config("tiny")
+    ck = Checkpoints(tmp_path / "ck", keep=2)
+    for s in (200, 205):
+        ck.save(s, {"x": torch.ones(1)}, cfg)
+    ck.save(10, {"x": torch.zeros(1)}, cfg)  # main deleted step 10 at once (it counted 200 and 205 as newer)
+    assert [p.name for p in ck.complete()] == ["step-00000010", "step-00000200", "step-00000205"]
+
+
+def test_2_resume_past_the_configured_steps_refuses(tmp_path):
+    out = tmp_path / "run"
+    toy_run(out, 6)
+    final = (out / "sft" / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match="step 6, past this run's 4 steps"):
+        toy_run(out, 4, "run.resume=auto")
+    assert (out / "sft" / "metrics.jsonl").read_bytes() == final
+
+
+# ---- 3. a corrupt or truncated checkpoint is reported and the previous one used ------------------------
+@pytest.mark.parametrize("damage", ["zeroed", "truncated"])
+def test_3_bad_newest_checkpoint_is_named_and_the_previous_one_resumed(tmp_path, straight, capfd, damage):
+    out = tmp_path / "run"
+    killed_at(out, 4)  # checkpoints at steps 2 and 4
+    state = out / "sft" / "checkpoints" / "step-00000004" / "state.pt"
+    data = bytearray(state.read_bytes())
+    if damage == "zeroed":
+        data[100:100 + 64] = bytes(64)  # zeros inside the file (main resumed on it silently)
+    else:
+        data = data[:len(data) // 2]  # main crashed with torch's error, naming no file
+    state.write_bytes(bytes(data))
+    rows = toy_run(out, 6, "run.resume=auto")
+    assert str(state.parent) in capfd.readouterr().err
+    assert losses(rows) == losses(straight) and [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_3_no_usable_checkpoint_is_an_error_naming_each(tmp_path):
+    cfg = load_config("tiny")
+    ck = Checkpoints(tmp_path / "ck", keep=0)
+    for s in (1, 2):
+        ck.save(s, {"x": torch.ones(1000)}, cfg)
+        (ck.root / f"step-{s:08d}" / "state.pt").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="step-00000002.*\n.*step-00000001"):
+        ck.resolve("auto")
+    with pytest.raises(CheckpointError, match="step-00000001"):
+        ck.resolve(str(ck.root / "step-00000001"))
+    # a checkpoint written before manifests had none: still accepted, a bad file is named on load
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "COMPLETE").write_text("3")
+    (legacy / "state.pt").write_bytes(b"PK\x03\x04 torn")
+    assert ck.resolve(str(legacy)) == legacy
+    with pytest.raises(CheckpointError, match=f"{legacy}/state.pt: unreadable"):
+        Checkpoints.load(legacy)
+
+
+def test_3_temp_dirs_of_dead_writers_are_removed_on_start(tmp_path):
+    out = tmp_path / "run"
+    killed_at(out, 2)
+    ckdir = out / "sft" / "checkpoints"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a pid that has exited
+    leftovers = [ckdir / f".step-00000004.tmp-{pid}-x1y2", out / "sft" / f".config.yaml.tmp-{pid}"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "state.pt").write_bytes(b"half")
+    leftovers[1].write_text("half")
+    # a directory moved aside just before its replacement's rename: put back
+    (ckdir / "step-00000002").rename(ckdir / f".step-00000002.old-{pid}")
+    toy_run(out, 6, "run.resume=auto")
+    assert not any(p.exists() for p in leftovers)
+    assert not [p for p in ckdir.iterdir() if p.name.startswith(".")]
+
+
+# ---- 4. a changed config on resume ----------------------------------------------------------------------
+def test_4_resume_with_changed_optimization_refuses_or_overrides_and_logs(tmp_path, straight):
+    out = tmp_path / "run"
+    killed_at(out, 2)
+    for change, key in (("sft.lr=1e-5", "sft.lr"), ("sft.batch_size=2", "sft.batch_size"),
+                        ("sft.schedule=constant", "sft.schedule"), ("data.max_seq_len=99", "data.max_seq_len")):
+        with pytest.raises(ConfigError, match=f"{key}: .* -> "):
+            toy_run(out, 6, "run.resume=auto", change)
+    # harmless values (checkpoint cadence, other stages) may change: allowed, logged, the run is the same
+    killed_at(tmp_path / "h", 2)
+    rows = toy_run(tmp_path / "h", 6, "run.resume=auto", "sft.save_every=3", "ppo.lr=0.5")
+    assert losses(rows) == losses(straight)
+    log = [json.loads(line) for line in (tmp_path / "h" / "sft" / "resume.log").read_text().splitlines()]
+    assert log[-1]["override"] == {} and set(log[-1]["harmless"]) == {"sft.save_every", "ppo.lr"}
+    # run.resume_override: the new lr applies from the resumed step on (main kept the old schedule)
+    rows = toy_run(out, 6, "run.resume=auto", "sft.lr=1e-5", "run.resume_override=true")
+    old_lr, ref, lr = toy_cfg(out).sft.lr, [r["lr"] for r in straight], [r["lr"] for r in rows]
+    assert lr[:2] == ref[:2]
+    assert lr[2:] == pytest.approx([x * 1e-5 / old_lr for x in ref[2:]])
+    log = [json.loads(line) for line in (out / "sft" / "resume.log").read_text().splitlines()]
+    assert log[-1]["override"] == {"sft.lr": [toy_cfg(out).sft.lr, 1e-5]}
+
+
+# ---- 5. two runs on one out_dir -------------------------------------------------------------------------
+def test_5_a_second_run_on_a_locked_out_dir_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        from factrl.trainers.run import _proc_start
+
+        lock = out / ".factrl.lock"
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "start": _proc_start(other.pid),
+                                    "time": 0}))
+        with pytest.raises(RunDirError, match=f"in use by another run \\(pid {other.pid}"):
+            toy_run(out, 2)
+        assert not (out / "sft").exists()  # refused before writing anything
+    finally:
+        other.kill()
+        other.wait()
+    toy_run(out, 2)  # its process is gone: the lock is stale
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert lock_out_dir(out) == lock  # re-entrant: the pipeline's stages share it
 
 
 # ---- 6. invalid values are refused at load, naming the key ------------------------------------------------
@@ -58,3 +242,68 @@ def test_6_every_preset_loads_and_errors_are_listed_together():
     with pytest.raises(ConfigError) as e:
         load_config("tiny", ["sft.batch_size=0", "ppo.batch_size=-1"])
     assert "'sft.batch_size'" in str(e.value) and "'ppo.batch_size'" in str(e.value)
+
+
+# ---- 7. I/O errors name the path and leave the checkpoints intact ----------------------------------------
+def test_7_a_full_disk_names_the_checkpoint_and_keeps_the_previous(tmp_path):
+    """RLIMIT_FSIZE makes writes past 1 MiB fail as a full disk does (EFBIG instead of ENOSPC)."""
+    script = f"""
+import resource, signal, torch
+from factrl.trainers.checkpoint import Checkpoints
+from factrl.trainers.config import load_config
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+ck = Checkpoints(__import__("pathlib").Path({str(tmp_path / "ck")!r}), keep=2)
+ck.save(1, {{"x": torch.ones(1000)}}, load_config("tiny"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    ck.save(2, {{"x": torch.ones(1 << 20)}}, load_config("tiny"))
+except OSError as e:
+    print("ERR", e.filename, "|", e)
+print("LATEST", ck.latest().name, sorted(p.name for p in ck.root.iterdir()))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    err = next(line for line in r.stdout.splitlines() if line.startswith("ERR"))
+    assert str(tmp_path / "ck" / "step-00000002") in err and "previous checkpoints are intact" in err
+    assert "LATEST step-00000001 ['step-00000001']" in r.stdout  # no temp dir left behind
+
+
+# ---- 8. bad inputs are named when they load ---------------------------------------------------------------
+def test_8_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, straight, capfd):
+    out = tmp_path / "run"
+    killed_at(out, 3)  # steps 1-3 logged, checkpoint at 2
+    with open(out / "sft" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.12')  # a kill mid-write
+    rows = toy_run(out, 6, "run.resume=auto")
+    assert "torn" in capfd.readouterr().err
+    assert losses(rows) == losses(straight) and [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    (out / "m.jsonl").write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="m.jsonl: line 2"):
+        read_metrics(out / "m.jsonl")
+
+
+# ---- 9. nothing to evaluate; per-run files ---------------------------------------------------------------
+def test_9_samples_are_fresh_per_run_and_continued_on_resume(tmp_path, straight):
+    def sample(step):  # what PPO writes every sample_every steps
+        with open(tmp_path / "run" / "sft" / "samples.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "response": "x"}) + "\n")
+
+    with pytest.raises(KeyboardInterrupt):
+        toy_run(tmp_path / "run", 6, die_after=3, on_step=sample)
+    toy_run(tmp_path / "run", 6, "run.resume=auto", on_step=sample)
+    steps = lambda: [r["step"] for r in read_metrics(tmp_path / "run" / "sft" / "samples.jsonl")]  # noqa: E731
+    assert steps() == [1, 2, 3, 4, 5, 6]  # step 3 was redone: its first sample dropped
+    toy_run(tmp_path / "run", 6, "run.overwrite=true", on_step=sample)
+    assert steps() == [1, 2, 3, 4, 5, 6]
+
+
+# ---- 10. SIGINT / SIGTERM: the step completes, a checkpoint, one line ---------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_10_a_signal_checkpoints_the_step_and_resume_continues(tmp_path, straight, sig):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match=f"stopped by {sig.name} after step 3 of 6.*step-00000003"):
+        toy_run(out, 6, on_step=lambda s: s == 3 and os.kill(os.getpid(), sig))
+    assert (out / "sft" / "checkpoints" / "step-00000003" / "COMPLETE").is_file()  # not a save_every step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    rows = toy_run(out, 6, "run.resume=auto")
+    assert losses(rows) == losses(straight)

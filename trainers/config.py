@@ -229,6 +229,14 @@ class RunConfig:
     seed: int = 0  # data order, sampling and initialization
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | path to a checkpoint directory
+    # A fresh run (resume=none) into a stage directory that holds another run's checkpoints or
+    # metrics is refused unless this is true: then that stage's checkpoints, metrics and samples
+    # are deleted first (the run owns its out_dir; nothing is deleted without being asked).
+    overwrite: bool = False
+    # Resume with optimization-changing values (lr, schedule, batch sizes, steps, model, data)
+    # that differ from the checkpoint's config: refused with the list of differences unless this
+    # is true; then the new values apply and the differences are logged (<stage>/resume.log).
+    resume_override: bool = False
     progress: bool = True  # progress bars
 
 
