@@ -184,14 +184,14 @@ def load_llava(path: str | os.PathLike, quantize: bool = False, double_quant: bo
     linears = {f"{lin.name}.weight": lin for _, lin in model.linears()}
     seen = set()
     for shard in _shards(path):
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
+        with _read(shard, lambda: safe_open(str(shard), framework="pt", device="cpu")) as f:
             for key in f.keys():
                 ours = canonical_key(key)
                 if ours is None:
                     continue
                 if ours not in params and ours not in linears:
                     raise CheckpointError(f"{shard}: key {key!r} has no place in the model ({ours!r})")
-                t = f.get_tensor(key)
+                t = _read(shard, lambda: f.get_tensor(key))
                 want = tuple(params[ours].shape) if ours in params else (linears[ours].out_features,
                                                                          linears[ours].in_features)
                 if tuple(t.shape) != want:
@@ -216,6 +216,16 @@ def load_llava(path: str | os.PathLike, quantize: bool = False, double_quant: bo
     model.lm_head.weight.requires_grad_(False)
     model.vision.requires_grad_(False)
     return model
+
+
+def _read(path: Path, fn):
+    """``fn()``, its error (a truncated or corrupt safetensors file: the library names no file) naming ``path``."""
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from e
 
 
 def load_tokenizer(path):
@@ -333,8 +343,11 @@ def load_adapter(model: LlavaModel, path, name: str, trainable: bool = True) -> 
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (not a PEFT adapter directory)")
-    cfg = json.loads(cfg_file.read_text())
-    tensors = load_file(str(w_file))
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
+    tensors = _read(w_file, lambda: load_file(str(w_file)))
     by_layer: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     inv = {v: k for k, v in HF_LINEAR.items()}
     for k, v in tensors.items():
@@ -360,7 +373,7 @@ def load_adapter(model: LlavaModel, path, name: str, trainable: bool = True) -> 
             p.requires_grad_(trainable)
     heads = path / "heads.safetensors"
     if heads.is_file():
-        for k, v in load_file(str(heads)).items():
+        for k, v in _read(heads, lambda: load_file(str(heads))).items():
             h, param = k.split(".", 1)
             if h not in model.heads:
                 model.add_head(h)

@@ -244,6 +244,26 @@ def test_6_every_preset_loads_and_errors_are_listed_together():
     assert "'sft.batch_size'" in str(e.value) and "'ppo.batch_size'" in str(e.value)
 
 
+@pytest.mark.parametrize("gib", ["inf", "-5", "nan", "1e12", "0"])
+def test_6_plan_refuses_a_bad_gpu_size(gib, capsys):
+    from factrl.trainers.cli import main
+
+    assert main(["plan", "--config", "llava-v1.5-7b", "--gpu-gib", gib]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-gib" in err and "Traceback" not in err
+    assert main(["plan", "--config", "llava-v1.5-7b", "--gpu-gib", "80"]) == 0
+
+
+def test_6_the_cli_refuses_before_any_work(tmp_path, capsys):
+    from factrl.trainers.cli import main
+
+    out = tmp_path / "run"
+    assert main(["sft", f"run.out_dir={out}", f"data.root={out}/data", "sft.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "'sft.batch_size'" in err and "Traceback" not in err  # one error, one key
+    assert not out.exists()  # no data generated, no base built
+
+
 # ---- 7. I/O errors name the path and leave the checkpoints intact ----------------------------------------
 def test_7_a_full_disk_names_the_checkpoint_and_keeps_the_previous(tmp_path):
     """RLIMIT_FSIZE makes writes past 1 MiB fail as a full disk does (EFBIG instead of ENOSPC)."""
@@ -269,6 +289,53 @@ print("LATEST", ck.latest().name, sorted(p.name for p in ck.root.iterdir()))
 
 
 # ---- 8. bad inputs are named when they load ---------------------------------------------------------------
+def test_8_a_corrupt_image_is_an_error_naming_the_record_or_skipped(tmp_path):
+    from PIL import Image
+
+    from factrl.model.tokenizer import build_tokenizer
+    from factrl.trainers.data import DataError, load_sft
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "images" / "good.png")
+    (tmp_path / "images" / "bad.png").write_text("not an image")
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
+    recs = [{"id": "g", "image": "good.png", "conversations": conv}, {"id": "b", "image": "bad.png",
+                                                                      "conversations": conv}]
+    (tmp_path / "sft.json").write_text(json.dumps(recs))
+    tok = build_tokenizer(["What is it? A square."], vocab_size=64)
+    with pytest.raises(DataError, match="record 1: field 'image': not a readable image: .*bad.png"):
+        load_sft(tmp_path / "sft.json", tok, 4, 10_000, image_folder=str(tmp_path / "images"))
+    ok = load_sft(tmp_path / "sft.json", tok, 4, 10_000, skip_bad=True, image_folder=str(tmp_path / "images"))
+    assert [e.id for e in ok] == ["g"] and ok.stats.n_skipped == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from factrl.trainers.embedded import ensure_tiny_base
+
+    root = tmp_path_factory.mktemp("base")
+    return ensure_tiny_base(load_config("tiny", MICRO + [f"run.out_dir={root}", f"data.root={root}/data"]))
+
+
+def test_8_truncated_safetensors_name_their_file(tmp_path, tiny_base):
+    import shutil
+
+    from factrl.model.io import CheckpointError as ModelCheckpointError
+    from factrl.model.io import load_adapter, load_llava, save_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    model = load_llava(base)
+    model.add_adapter("policy", 4, 8.0, 0.0, ["q", "v"])
+    save_adapter(model, "policy", tmp_path / "adapter")
+    for f in (base / "model.safetensors", tmp_path / "adapter" / "adapter_model.safetensors"):
+        f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    with pytest.raises(ModelCheckpointError, match=f"{base}/model.safetensors: unreadable"):
+        load_llava(base)
+    with pytest.raises(ModelCheckpointError, match="adapter_model.safetensors: unreadable"):
+        load_adapter(load_llava(tiny_base), tmp_path / "adapter", "policy")
+
+
 def test_8_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, straight, capfd):
     out = tmp_path / "run"
     killed_at(out, 3)  # steps 1-3 logged, checkpoint at 2
@@ -283,6 +350,20 @@ def test_8_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, straight, cap
 
 
 # ---- 9. nothing to evaluate; per-run files ---------------------------------------------------------------
+def test_9_eval_with_no_eval_sets_is_an_error(tmp_path, tiny_base):
+    import shutil
+
+    from factrl.trainers.data import DataError
+    from factrl.trainers.eval_stage import evaluate_stages
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_base.parent / "data" / "scenes.json", data)  # ShapesWorld facts, but no eval sets
+    cfg = load_config("tiny", MICRO + [f"run.out_dir={tmp_path}/run", f"data.root={data}", f"ppo.base={tiny_base}"])
+    with pytest.raises(DataError, match="no eval sets"):
+        evaluate_stages(cfg)
+
+
 def test_9_samples_are_fresh_per_run_and_continued_on_resume(tmp_path, straight):
     def sample(step):  # what PPO writes every sample_every steps
         with open(tmp_path / "run" / "sft" / "samples.jsonl", "a") as f:
@@ -307,3 +388,74 @@ def test_10_a_signal_checkpoints_the_step_and_resume_continues(tmp_path, straigh
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     rows = toy_run(out, 6, "run.resume=auto")
     assert losses(rows) == losses(straight)
+
+
+# ---- the kill -9 property, through the CLI ---------------------------------------------------------------------
+def test_kill_9_at_random_points_then_resume_is_bit_identical(tiny_base, tmp_path):
+    """``factrl sft`` killed with SIGKILL at a random moment (after a random number of logged steps
+    plus a random delay: during start-up, mid-step, mid-checkpoint), then resumed, per seed; the
+    second seed's resumed run is also stopped with SIGINT (a checkpoint, one line, exit 130) and
+    resumed. Losses equal an uninterrupted run's bit for bit; metrics rows unique and complete.
+    Each process costs ~4 s of imports, so two seeds (5 processes) keep this test near 40 s."""
+    import random
+    import shutil
+    import time
+
+    from factrl.trainers.sft import train_sft
+
+    args = [*MICRO, "sft.max_steps=10", "sft.save_every=2", "sft.keep_last=2", "run.resume=auto",
+            f"data.root={tiny_base.parent}/data"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the in-process reference runs on one thread too
+
+    def start(out):
+        if not (out / "tiny_base").exists():
+            shutil.copytree(tiny_base, out / "tiny_base")
+        return subprocess.Popen([sys.executable, "-m", "factrl.trainers.cli", "sft", *args, f"run.out_dir={out}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def rows(out):
+        return read_metrics(out / "sft" / "metrics.jsonl") if (out / "sft" / "metrics.jsonl").is_file() else []
+
+    def after(p, out, n, delay=0.0):  # wait until n steps are logged, then a little longer
+        while p.poll() is None and len(rows(out)) < n:
+            time.sleep(0.01)
+        time.sleep(delay)
+
+    def finish(p):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+
+    ref_out = tmp_path / "straight"
+    shutil.copytree(tiny_base, ref_out / "tiny_base")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_sft(load_config("tiny", [*args, f"run.out_dir={ref_out}"]))
+    finally:
+        torch.set_num_threads(threads)
+    ref = losses(rows(ref_out))
+    assert len(ref) == 10
+    for seed in (0, 1):
+        rng = random.Random(seed)
+        out = tmp_path / f"kill{seed}"
+        at, delay = rng.randrange(0, 9), rng.uniform(0, 0.2)
+        p = start(out)
+        after(p, out, at, delay)
+        p.kill()
+        p.wait()
+        logged = len(rows(out))
+        p = start(out)
+        if seed == 1:  # SIGINT: the step in flight completes and is checkpointed, one line, exit 130
+            assert logged <= 7  # so the resumed run has steps left after it passes the killed one's rows
+            while p.poll() is None and (not rows(out) or rows(out)[-1]["step"] <= logged):
+                time.sleep(0.01)  # a row past the killed run's: the resumed run is training, its handlers set
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 130, err[-2000:]
+            last = err.strip().splitlines()[-1]
+            assert "Traceback" not in err and last.startswith("factrl: sft: stopped by SIGINT after step"), err
+            p = start(out)
+        finish(p)
+        got = rows(out)
+        assert [r["step"] for r in got] == list(range(1, 11)), (seed, at, delay)
+        assert losses(got) == ref, (seed, at, delay)

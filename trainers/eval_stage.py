@@ -95,6 +95,12 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ValueError(f"unknown eval columns {unknown} (known: {', '.join(COLUMNS)})")
+    sets = sorted((Path(cfg.data.root) / cfg.data.eval_dir).glob("*.json"))
+    if not sets:  # an all-"-" table that exits 0 would look like a result
+        from factrl.trainers.data import DataError
+
+        raise DataError(Path(cfg.data.root) / cfg.data.eval_dir, msg="no eval sets (*.json) there: nothing to "
+                        "evaluate (data.root / data.eval_dir; ShapesWorld writes POPE, MMHal and CHAIR sets)")
     stage = Stage(cfg, "eval")
     device, layout, out = stage.device, stage.layout, stage.out
     a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
@@ -114,6 +120,8 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     if "blind" in columns and sft_file.is_file():  # the blind baseline needs the SFT answers
         with open(sft_file) as f:
             gens["blind"] = blind_answers(json.load(f))
+    if not gens:
+        raise ValueError(f"nothing to evaluate: none of the columns {', '.join(columns)} exists in {cfg.run.out_dir}")
     results = {}
     for name, gen in gens.items():
         res = run_eval(gen, a.data_root, max_items=cfg.eval.max_items or None, progress=cfg.run.progress,
