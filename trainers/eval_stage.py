@@ -101,7 +101,7 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
 
         raise DataError(Path(cfg.data.root) / cfg.data.eval_dir, msg="no eval sets (*.json) there: nothing to "
                         "evaluate (data.root / data.eval_dir; ShapesWorld writes POPE, MMHal and CHAIR sets)")
-    stage = Stage(cfg, "eval")
+    stage = Stage(cfg, "eval", trains=False)
     device, layout, out = stage.device, stage.layout, stage.out
     a = load_assets(cfg, stage_base(cfg, layout, cfg.ppo.base), quantize=cfg.model.quantize, device=device)
     model = a.model.eval()

@@ -193,9 +193,9 @@ class Stage:
     writers left, picks and verifies the checkpoint to resume from and compares its config with
     this one; a fresh run into a stage directory holding another run's results refuses (unless
     ``run.overwrite``). SIGINT/SIGTERM during training end the current step, checkpoint it and
-    raise ``Interrupted``."""
+    raise ``Interrupted``. ``trains=False`` (eval): the lock and config only."""
 
-    def __init__(self, cfg: Config, name: str):
+    def __init__(self, cfg: Config, name: str, trains: bool = True):
         self.cfg, self.name = cfg, name
         self.layout = RunLayout(Path(cfg.run.out_dir))
         self.out = self.layout.stage(name)
@@ -208,7 +208,7 @@ class Stage:
             lock_out_dir(self.layout.root)
             remove_dead_temps(self.layout.root)  # the tiny base's, a final output's ...
             remove_dead_temps(self.out)
-        self.resume_from = self._resume_point()
+        self.resume_from = self._resume_point() if trains else None  # eval: no checkpoints, nothing to resume
         if self.rank == 0:
             save_config(cfg, self.out / "config.yaml")
 
