@@ -44,7 +44,8 @@ def atomic_dir(path: str | os.PathLike, directory: bool = True):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        # the writer's pid in the name: a dead writer's leftovers are recognised (checkpoint.remove_dead_temps)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     else:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -186,14 +187,14 @@ def load_llava(path: str | os.PathLike, quantize: bool = False, double_quant: bo
     linears = {f"{lin.name}.weight": lin for _, lin in model.linears()}
     seen = set()
     for shard in _shards(path):
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
+        with _read(shard, lambda: safe_open(str(shard), framework="pt", device="cpu")) as f:
             for key in f.keys():
                 ours = canonical_key(key)
                 if ours is None:
                     continue
                 if ours not in params and ours not in linears:
                     raise CheckpointError(f"{shard}: key {key!r} has no place in the model ({ours!r})")
-                t = f.get_tensor(key)
+                t = _read(shard, lambda: f.get_tensor(key))
                 want = tuple(params[ours].shape) if ours in params else (linears[ours].out_features,
                                                                          linears[ours].in_features)
                 if tuple(t.shape) != want:
@@ -218,6 +219,16 @@ def load_llava(path: str | os.PathLike, quantize: bool = False, double_quant: bo
     model.lm_head.weight.requires_grad_(False)
     model.vision.requires_grad_(False)
     return model
+
+
+def _read(path: Path, fn):
+    """``fn()``, its error (a truncated or corrupt safetensors file: the library names no file) naming ``path``."""
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from e
 
 
 def load_tokenizer(path):
@@ -378,10 +389,13 @@ def load_adapter(model: LlavaModel, path, name: str, trainable: bool = True) -> 
     for f in (cfg_file, w_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (not a PEFT adapter directory)")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON: {e}") from e
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}, only LORA adapters load")
-    tensors = load_file(str(w_file)) if w_file.suffix == ".safetensors" else _torch_file(w_file)
+    tensors = _read(w_file, lambda: load_file(str(w_file))) if w_file.suffix == ".safetensors" else _torch_file(w_file)
     by_layer: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     inv = {v: k for k, v in HF_LINEAR.items()}
     for k, v in tensors.items():
@@ -410,7 +424,7 @@ def load_adapter(model: LlavaModel, path, name: str, trainable: bool = True) -> 
     heads = path / "heads.safetensors"
     found = {}
     if heads.is_file():
-        for k, v in load_file(str(heads)).items():
+        for k, v in _read(heads, lambda: load_file(str(heads))).items():
             h, param = k.split(".", 1)
             found.setdefault(h, {})[param] = (v, heads)
     for h, fname in ORIGINAL_HEAD_FILES.items():

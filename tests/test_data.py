@@ -522,6 +522,48 @@ def test_fuzz_raw_files(tok, root, text):
         os.unlink(f.name)
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["sft.json", "pref.json", "ppo.json", "caps.json"]), cut=st.floats(0, 1),
+       junk=st.sampled_from(["", "\x00", "}", "]", ",", "\ufffd", "\\"]))
+def test_fuzz_truncated_files_only_raise_data_error(tok, root, kind, cut, junk):
+    """A valid file of each format cut anywhere (a copy interrupted, a disk that filled) plus junk."""
+    text = (root / kind).read_text()
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=root, delete=False) as f:
+        f.write(text[:int(cut * len(text))] + junk)
+    loaders = {"sft.json": lambda: D.load_sft(f.name, tok, NIT, 100, image_folder=str(root / "images")),
+               "pref.json": lambda: D.load_preferences(f.name, tok, NIT, 400, D.load_captions(root / "caps.json"),
+                                                       True, image_folder=str(root / "images")),
+               "ppo.json": lambda: D.load_ppo_prompts(f.name, tok, NIT, 100, D.load_captions(root / "caps.json"),
+                                                      image_folder=str(root / "images")),
+               "caps.json": lambda: D.load_captions(f.name)}
+    try:
+        loaders[kind]()
+    except D.DataError as e:
+        assert e.file == f.name
+    finally:
+        os.unlink(f.name)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(cut=st.floats(0, 1), flip=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_fuzz_damaged_images_are_data_errors(root, cut, flip, byte):
+    """A PNG truncated or with one byte changed: the load-time check and load_image name the file."""
+    data = bytearray((root / "images" / "img1.png").read_bytes())
+    data = data[:max(1, int(cut * len(data)))]
+    data[flip % len(data)] = byte
+    bad = root / "images" / f"fuzz{flip}.png"
+    bad.write_bytes(bytes(data))
+    try:
+        problem = D.image_problem(str(bad))
+        assert problem is None or str(bad) in problem
+        try:
+            D.load_image(bad, D.make_image_processor(8))
+        except D.DataError as e:
+            assert e.file == str(bad)
+    finally:
+        bad.unlink()
+
+
 # ---- images and collators ---------------------------------------------------------------------
 
 

@@ -309,11 +309,17 @@ def test_short_ppo_run_raises_rm_reward_and_broken_updates_do_not(sft_rm, tmp_pa
 
 
 def test_ppo_resumes_after_a_kill(sft_rm, tmp_path, monkeypatch):
+    import os
+    import signal
+
     from factrl.trainers import ppo as P
     from factrl.trainers.checkpoint import Checkpoints
     from factrl.trainers.logs import read_metrics
+    from factrl.trainers.run import RunDirError
+    from factrl.trainers.stage import Interrupted
 
-    P.train_ppo(_cfg(sft_rm, tmp_path / "straight", "ppo.total_steps=4", "ppo.save_every=2"))
+    run = ("ppo.total_steps=4", "ppo.save_every=2", "ppo.sample_every=1")
+    P.train_ppo(_cfg(sft_rm, tmp_path / "straight", *run))
     orig = Checkpoints.save
 
     def die_after_2(self, step, state, cfg):
@@ -324,9 +330,35 @@ def test_ppo_resumes_after_a_kill(sft_rm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpoints, "save", die_after_2)
     with pytest.raises(KeyboardInterrupt):
-        P.train_ppo(_cfg(sft_rm, tmp_path / "killed", "ppo.total_steps=4", "ppo.save_every=2"))
+        P.train_ppo(_cfg(sft_rm, tmp_path / "killed", *run))
     monkeypatch.setattr(Checkpoints, "save", orig)
-    P.train_ppo(_cfg(sft_rm, tmp_path / "killed", "ppo.total_steps=4", "ppo.save_every=2", "run.resume=auto"))
+    P.train_ppo(_cfg(sft_rm, tmp_path / "killed", *run, "run.resume=auto"))
     keys = ("reward", "kl", "policy_loss", "value_loss", "response_len")
     rows = lambda d: [{k: r[k] for k in keys} for r in read_metrics(d / "ppo" / "metrics.jsonl")]  # noqa: E731
     assert rows(tmp_path / "killed") == rows(tmp_path / "straight")  # rollout RNG included
+
+    # SIGINT during step 3's scoring: the step completes and is checkpointed (not a save_every step),
+    # the run stops with Interrupted (the CLI's one line), and a resume continues it exactly
+    real_score, calls = P.score, []
+
+    def score_then_sigint(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_score(*a, **k)
+
+    monkeypatch.setattr(P, "score", score_then_sigint)
+    with pytest.raises(Interrupted, match="after step 3 of 4"):
+        P.train_ppo(_cfg(sft_rm, tmp_path / "sigint", *run))
+    monkeypatch.setattr(P, "score", real_score)
+    assert (tmp_path / "sigint" / "ppo" / "checkpoints" / "step-00000003" / "COMPLETE").is_file()
+    P.train_ppo(_cfg(sft_rm, tmp_path / "sigint", *run, "run.resume=auto"))
+    assert rows(tmp_path / "sigint") == rows(tmp_path / "straight")
+    # samples.jsonl continues on resume (steps redone are not doubled) ...
+    samples = lambda d: (d / "ppo" / "samples.jsonl").read_text()  # noqa: E731
+    assert samples(tmp_path / "killed") == samples(tmp_path / "sigint") == samples(tmp_path / "straight")
+    assert [r["step"] for r in read_metrics(tmp_path / "straight" / "ppo" / "samples.jsonl")] == [1] * 4 + [2] * 4 \
+        + [3] * 4 + [4] * 4
+    # ... and a fresh run into a used directory refuses (main appended a second step 1 to its samples)
+    with pytest.raises(RunDirError, match="samples.jsonl"):
+        P.train_ppo(_cfg(sft_rm, tmp_path / "straight", *run))

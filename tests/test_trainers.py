@@ -243,8 +243,8 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):
     cfg = json.loads((out / "rm" / "reward_adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and (out / "rm" / "reward_adapter" / "heads.safetensors").is_file()
     assert (out / "rm" / "config.yaml").is_file()
-    # vanilla RM trains too
-    res2 = train_rm(micro_cfg(shared_data, out, "rm.fact_augmented=false", "rm.max_steps=2"))
+    # vanilla RM trains too (replacing the first RM's results: asked for)
+    res2 = train_rm(micro_cfg(shared_data, out, "rm.fact_augmented=false", "rm.max_steps=2", "run.overwrite=true"))
     assert res2["fact_augmented"] is False
     # eval_every 0 scores the held-out pairs once, after the last step (in the result); -1 never
     for every, want in ((-1, False), (0, True)):

@@ -3,8 +3,14 @@ and every RNG state, written atomically; only complete ones count."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import os
 import random
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,6 +20,8 @@ import torch
 
 from factrl.model.io import atomic_dir
 from factrl.trainers.config import Config, save_config
+
+MANIFEST = "MANIFEST.json"
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -36,23 +44,97 @@ def set_rng_state(st: dict, generators: dict[str, torch.Generator] | None = None
             g.set_state(st[f"gen/{k}"])
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (torn, corrupt, or not of this run), named by path."""
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path) -> None:
+    """``MANIFEST.json``: size and sha256 of every file of the checkpoint directory ``d``."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    (d / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(d: Path) -> Optional[str]:
+    """None if ``d`` is complete and every file matches its manifest, else what is wrong. A
+    checkpoint written before manifests existed has none: accepted (its load still names it)."""
+    if not (d / "COMPLETE").is_file():
+        return "incomplete (no COMPLETE)"
+    if not (d / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((d / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MANIFEST}: {e}"
+    for name, want in files.items():
+        p = d / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["size"]:
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {want['size']} (truncated?)"
+        if file_digest(p) != want["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST} (corrupted)"
+    return None
+
+
+def remove_dead_temps(d: Path) -> None:
+    """Temp files and directories ``atomic_dir`` leaves when its writer is killed
+    (``.<name>.tmp-<pid>*``), in ``d`` and ``d/checkpoints``: the caller holds the run lock, so no
+    live writer owns them (only this process' own are spared). A ``.<name>.old-*`` (moved aside
+    just before the rename) goes back in place when the rename never happened, else is removed."""
+    for folder in (d, d / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = re.fullmatch(r"\.(.+)\.(tmp|old)-(\d+)(-.*)?", p.name)
+            if not m or int(m.group(3)) == os.getpid():
+                continue
+            target = folder / m.group(1)
+            if m.group(2) == "old" and not target.exists():
+                os.replace(p, target)
+                print(f"[factrl] restored {target} (its replacement was interrupted)")
+            else:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                print(f"[factrl] removed {p} (left by an interrupted writer)")
+
+
 @dataclass
 class Checkpoints:
-    """``<dir>/step-00000042/{state.pt, config.yaml, COMPLETE}``, written into a temp dir that
-    replaces the step dir in one rename; only directories with COMPLETE count. Keeps the last
-    ``keep`` of them."""
+    """``<dir>/step-00000042/{state.pt, config.yaml, MANIFEST.json, COMPLETE}``, written into a temp
+    dir that replaces the step dir in one rename; only directories with COMPLETE count, and resume
+    takes the newest whose files match their manifest (sizes and sha256). Keeps the last ``keep``
+    of them up to the step just written (a newer one is never deleted)."""
 
     root: Path
     keep: int = 2
 
     def save(self, step: int, state: dict, cfg: Config) -> Path:
         final = self.root / f"step-{step:08d}"
-        with atomic_dir(final) as tmp:
-            torch.save(state, tmp / "state.pt")
-            save_config(cfg, tmp / "config.yaml")
-            (tmp / "COMPLETE").write_text(str(step))
-        for old in self.complete()[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            with atomic_dir(final) as tmp:
+                torch.save(state, tmp / "state.pt")
+                save_config(cfg, tmp / "config.yaml")
+                write_manifest(tmp)
+                (tmp / "COMPLETE").write_text(str(step))
+        except (OSError, RuntimeError) as e:  # torch's writer says "iostream error" for a full disk
+            if isinstance(e, RuntimeError) and not re.search(r"iostream|write|file", str(e), re.I):
+                raise
+            free = shutil.disk_usage(self.root).free if self.root.is_dir() else -1
+            err = getattr(e, "errno", None) or (errno.ENOSPC if 0 <= free < (64 << 20) else errno.EIO)
+            raise OSError(err, f"writing checkpoint {final} failed: {os.strerror(err)} ({e}; {free / 2**20:.0f} MiB "
+                               "free there); the previous checkpoints are intact", str(final)) from e
+        if self.keep > 0:
+            older = [p for p in self.complete() if p.name < final.name]
+            for old in older[:max(0, len(older) - (self.keep - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def complete(self) -> list[Path]:
@@ -65,19 +147,34 @@ class Checkpoints:
         return c[-1] if c else None
 
     def resolve(self, resume: str) -> Optional[Path]:
-        """``none`` → None; ``auto`` → the newest complete checkpoint (or None); else a path."""
+        """``none`` → None; ``auto`` → the newest complete checkpoint that passes its manifest
+        (bad ones are reported by path and skipped; None if there is none at all); else a path,
+        which must pass."""
         if resume in ("", "none"):
             return None
-        if resume == "auto":
-            return self.latest()
-        p = Path(resume)
-        if not (p / "COMPLETE").is_file():
-            raise FileNotFoundError(f"resume={resume!r}: not a complete checkpoint directory (no COMPLETE)")
-        return p
+        if resume != "auto":
+            p = Path(resume)
+            problem = verify_checkpoint(p)
+            if problem:
+                raise CheckpointError(f"run.resume={resume}: {problem}")
+            return p
+        bad = []
+        for p in reversed(self.complete()):
+            problem = verify_checkpoint(p)
+            if problem is None:
+                return p
+            print(f"[factrl] checkpoint {p} is unusable: {problem}; trying the previous one", file=sys.stderr)
+            bad.append(f"{p}: {problem}")
+        if bad:
+            raise CheckpointError("no usable checkpoint to resume from:\n  " + "\n  ".join(bad))
+        return None
 
     @staticmethod
     def load(path: Path) -> dict:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError ... for a torn file
+            raise CheckpointError(f"{path / 'state.pt'}: unreadable checkpoint ({type(e).__name__}: {e})") from e
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

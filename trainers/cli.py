@@ -9,13 +9,20 @@
     factrl plan     --config llava-v1.5-13b [--gpu-gib 80] [key=value ...]
     factrl data shapes --out DIR --n N --seed S [--image-size 48]
     factrl convert  SRC DST [--vision-tower CLIP_DIR]   # original LLaVA layout → llava-hf
+
+An expected error (a bad value, file, checkpoint or run directory, a full disk) prints one line
+and exits 2; ``--debug`` (or FACTRL_DEBUG=1) shows its traceback. SIGINT/SIGTERM while training
+checkpoint the last complete step and exit 130/143.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import traceback
 
 from factrl.trainers.config import ConfigError, load_config
 
@@ -27,6 +34,9 @@ STAGES = {
     "pipeline": ("factrl.trainers.pipeline", "run_pipeline"),
     "experiment": ("factrl.trainers.experiment", "run_experiment"),
 }
+
+
+MAX_GPU_GIB = 4096.0  # the largest single accelerator plan sizes for (an H200 has 141 GiB)
 
 
 def _arch(checkpoint: str, name: str):
@@ -49,6 +59,9 @@ def _arch(checkpoint: str, name: str):
 def _plan(cfg, gpu_gib: float, name: str, arch_name: str = "", reward_base: str = "") -> None:
     from factrl.model.plan import ARCH, arch_from_model_config, format_plan, plan
 
+    if not (math.isfinite(gpu_gib) and 0 < gpu_gib <= MAX_GPU_GIB):
+        raise ConfigError(f"--gpu-gib {gpu_gib}: expected the GPU's memory in GiB, 0 < gpu-gib <= {MAX_GPU_GIB:g}")
+
     if arch_name and arch_name not in ARCH:
         raise ConfigError(f"plan: --arch {arch_name!r} is not one of {', '.join(ARCH)}")
     arch = _arch(cfg.model.checkpoint, arch_name or name) or arch_from_model_config(cfg.model)
@@ -67,13 +80,27 @@ def _plan(cfg, gpu_gib: float, name: str, arch_name: str = "", reward_base: str 
                       "max_rollout_chunk": p["max_rollout_chunk"], "max_step_chunk": p["max_step_chunk"]}))
 
 
+def _expected_errors() -> tuple:
+    """What a user can cause and fix (one line each); anything else is a bug and shows its traceback."""
+    from factrl.model.io import CheckpointError as ModelCheckpointError
+    from factrl.trainers.checkpoint import CheckpointError
+    from factrl.trainers.data import DataError
+    from factrl.trainers.run import RunDirError
+    from factrl.trainers.stage import NonFiniteError
+
+    return (ConfigError, DataError, CheckpointError, ModelCheckpointError, RunDirError, NonFiniteError, OSError,
+            ValueError)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="factrl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="full tracebacks for expected errors (or FACTRL_DEBUG=1)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in [*STAGES, "plan"]:
         p = sub.add_parser(name)
         p.add_argument("--config", "--preset", dest="config", default="tiny",
                        help="preset name (tiny, llava-v1.5-7b, llava-v1.5-13b) or a YAML file")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.add_argument("overrides", nargs="*", help="key=value overrides, nested keys with dots")
         if name == "plan":
             p.add_argument("--gpu-gib", type=float, default=80.0)
@@ -99,44 +126,64 @@ def main(argv=None) -> int:
     c.add_argument("--vision-tower", default=None,
                    help="the local CLIP directory (default: the checkpoint's mm_vision_tower, if local)")
     args = ap.parse_args(argv)
+    debug = args.debug or os.environ.get("FACTRL_DEBUG", "") not in ("", "0")
+
+    from factrl.trainers.stage import Interrupted
 
     try:
-        if args.cmd == "convert":
-            from factrl.model.io import CheckpointError
-            from factrl.model.original import convert_original
-
-            try:
-                print(json.dumps(convert_original(args.src, args.dst, args.vision_tower)))
-            except CheckpointError as e:
-                print(f"factrl: convert: {e}", file=sys.stderr)
-                return 2
-            return 0
-        if args.cmd == "data":
-            from factrl.trainers.shapesworld.dataset import write_dataset
-
-            info = write_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
-            print(json.dumps(info, default=str))
-            return 0
-        overrides = list(args.overrides)
-        if getattr(args, "benchmark", None):
-            overrides.append(f"eval.benchmark={args.benchmark}")
-        cfg = load_config(args.config, overrides)
-        if args.cmd == "plan":
-            _plan(cfg, args.gpu_gib, args.config, args.arch, args.reward_base)
-            return 0
-        import importlib
-
-        from factrl.trainers.embedded import prepare
-
-        if args.cmd != "experiment":  # the experiment prepares its own, under experiment.out_dir
-            prepare(cfg)  # the embedded default (no model.checkpoint): ShapesWorld + the tiny base, on first use
-        mod, fn = STAGES[args.cmd]
-        result = getattr(importlib.import_module(mod), fn)(cfg)
-        print(json.dumps(result, default=str))
-        return 0
+        return _run(args)
+    except Interrupted as e:
+        print(f"factrl: {e}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
+    except KeyboardInterrupt:
+        print("factrl: interrupted (nothing was training: no checkpoint written)", file=sys.stderr)
+        return 130
     except ConfigError as e:
+        if debug:
+            traceback.print_exc()
         print(f"factrl: config error: {e}", file=sys.stderr)
         return 2
+    except _expected_errors() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"factrl: error: {e}" + ("" if debug else "  (--debug for the traceback)"), file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.cmd == "convert":
+        from factrl.model.original import convert_original
+
+        print(json.dumps(convert_original(args.src, args.dst, args.vision_tower)))
+        return 0
+    if args.cmd == "data":
+        from factrl.trainers.shapesworld.dataset import write_dataset
+
+        info = write_dataset(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+        print(json.dumps(info, default=str))
+        return 0
+    overrides = list(args.overrides)
+    if getattr(args, "benchmark", None):
+        overrides.append(f"eval.benchmark={args.benchmark}")
+    cfg = load_config(args.config, overrides)
+    if args.cmd == "plan":
+        _plan(cfg, args.gpu_gib, args.config, args.arch, args.reward_base)
+        return 0
+    import importlib
+    from pathlib import Path
+
+    from factrl.trainers.embedded import prepare
+    from factrl.trainers.run import lock_out_dir, resolve_device
+
+    # Before any model or data work: the device exists, and the run directory is this run's.
+    resolve_device(cfg.run.device)
+    lock_out_dir(Path(cfg.experiment.out_dir if args.cmd == "experiment" else cfg.run.out_dir))
+    if args.cmd != "experiment":  # the experiment prepares its own, under experiment.out_dir
+        prepare(cfg)  # the embedded default (no model.checkpoint): ShapesWorld + the tiny base, on first use
+    mod, fn = STAGES[args.cmd]
+    result = getattr(importlib.import_module(mod), fn)(cfg)
+    print(json.dumps(result, default=str))
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ saved (``save_config``) beside every checkpoint and log.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +315,14 @@ class RunConfig:
     seed: int = 0  # data order, sampling and initialization
     device: str = "auto"  # auto | cpu | cuda
     resume: str = "none"  # none | auto | path to a checkpoint directory
+    # A fresh run (resume=none) into a stage directory that holds another run's checkpoints or
+    # metrics is refused unless this is true: then that stage's checkpoints, metrics and samples
+    # are deleted first (the run owns its out_dir; nothing is deleted without being asked).
+    overwrite: bool = False
+    # Resume with optimization-changing values (lr, schedule, batch sizes, steps, model, data)
+    # that differ from the checkpoint's config: refused with the list of differences unless this
+    # is true; then the new values apply and the differences are logged (<stage>/resume.log).
+    resume_override: bool = False
     progress: bool = True  # progress bars
     # Where metrics go besides metrics.jsonl: tensorboard | wandb | tensorboard,wandb | none. wandb is
     # an optional extra (pip install 'factrl[wandb]') and runs offline (WANDB_MODE=offline unless set).
@@ -426,7 +436,9 @@ def resolve_preset(name_or_path: str) -> Path:
     return preset
 
 
-def load_config(preset: str = "tiny", overrides: Optional[list[str]] = None) -> Config:
+def load_config(preset: str = "tiny", overrides: Optional[list[str]] = None, validate: bool = True) -> Config:
+    """The preset (or YAML file) with ``overrides`` applied, every value validated (``validate``;
+    off only to read back a saved config for comparison)."""
     path = resolve_preset(preset)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -436,7 +448,142 @@ def load_config(preset: str = "tiny", overrides: Optional[list[str]] = None) -> 
         cfg = from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
-    return apply_overrides(cfg, overrides or [])
+    cfg = apply_overrides(cfg, overrides or [])
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+# ---- validation: every value checked at load, before any model or data work ------------------------
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+LINEAR_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # model.llava.LINEAR_NAMES (not imported: no torch here)
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise ConfigError listing every invalid value by its dotted key: ranges, enums and paths that
+    must exist. Only limits the code needs (a batch of 0 rows divides by zero, a negative one
+    trains on nothing); whether CUDA is present is checked when a stage starts (presets for GPUs
+    load anywhere)."""
+    bad: list[str] = []
+
+    def need(key: str, ok: bool, what: str) -> None:
+        if not ok:
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            bad.append(f"'{key}' = {obj!r}: {what}")
+
+    # every number finite (YAML reads .nan/.inf; an override 'nan' is a float)
+    for key, v in _leaves(cfg):
+        if isinstance(v, float):
+            need(key, math.isfinite(v), "expected a finite number")
+    r, m, d = cfg.run, cfg.model, cfg.data
+    need("run.out_dir", r.out_dir.strip() != "", "expected a directory")
+    need("run.device", DEVICE_RE.fullmatch(r.device) is not None, "expected auto | cpu | cuda | cuda:N | mps")
+    if r.resume not in ("", "none", "auto"):
+        need("run.resume", (Path(r.resume) / "COMPLETE").is_file(),
+             "expected none | auto | a complete checkpoint directory (one with COMPLETE)")
+    if m.checkpoint:
+        need("model.checkpoint", (Path(m.checkpoint) / "config.json").is_file(),
+             "no such llava-hf checkpoint directory (no config.json there)")
+    need("model.dtype", m.dtype in ("float32", "bfloat16", "float16"), "expected float32 | bfloat16 | float16")
+    need("model.blocksize", m.blocksize > 0, "expected > 0")
+    need("model.lora.r", m.lora.r > 0, "expected a rank > 0")
+    need("model.lora.dropout", 0.0 <= m.lora.dropout < 1.0, "expected 0 <= dropout < 1")
+    need("model.lora.targets", len(m.lora.targets) > 0 and set(m.lora.targets) <= set(LINEAR_TARGETS),
+         f"expected a non-empty list of {', '.join(LINEAR_TARGETS)}")
+    t = m.tiny
+    for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+              "vision_hidden_size", "vision_layers", "vision_heads", "image_size", "patch_size",
+              "max_position_embeddings"):
+        need(f"model.tiny.{k}", getattr(t, k) > 0, "expected > 0")
+    need("model.tiny.vision_pretrain_steps", t.vision_pretrain_steps >= 0, "expected >= 0")
+    if t.num_heads > 0 and t.num_kv_heads > 0:
+        need("model.tiny.hidden_size", t.hidden_size % t.num_heads == 0, "expected a multiple of num_heads")
+        need("model.tiny.num_heads", t.num_heads % t.num_kv_heads == 0, "expected a multiple of num_kv_heads")
+    if t.vision_heads > 0:
+        need("model.tiny.vision_hidden_size", t.vision_hidden_size % t.vision_heads == 0,
+             "expected a multiple of vision_heads")
+    if t.patch_size > 0:
+        need("model.tiny.image_size", t.image_size % t.patch_size == 0, "expected a multiple of patch_size")
+    for k in ("image_folder", "sft_file", "preference_file", "captions_file", "ppo_prompts_file", "eval_dir"):
+        need(f"data.{k}", getattr(d, k).strip() != "", "expected a file or folder name")
+    for k in ("max_seq_len", "max_prompt_len", "shapes_n", "shapes_image_size"):
+        need(f"data.{k}", getattr(d, k) > 0, "expected > 0")
+    need("data.image_aspect", d.image_aspect in ("pad", "resize", "crop"), "expected pad | resize | crop")
+    for name in ("sft", "rm", "ppo"):
+        _validate_optim(need, name, getattr(cfg, name))
+    for name in ("sft", "rm"):
+        lp = getattr(cfg, name)
+        need(f"{name}.epochs", lp.epochs > 0, "expected > 0")
+        need(f"{name}.max_steps", lp.max_steps >= 0, "expected >= 0 (0 = use epochs)")
+        need(f"{name}.batch_size", lp.batch_size > 0, "expected > 0")
+        need(f"{name}.grad_accum", lp.grad_accum > 0, "expected > 0")
+        need(f"{name}.eval_every", lp.eval_every >= -1, "expected >= -1 (0 = only at the end, -1 = never)")
+    need("sft.mode", cfg.sft.mode in ("full", "qlora"), "expected full | qlora")
+    need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
+    need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
+    p = cfg.ppo
+    for k in ("base", "reward_adapter", "init_adapter", "reward_base"):
+        need(f"ppo.{k}", not getattr(p, k) or Path(getattr(p, k)).is_dir(), "no such directory")
+    need("rm.base", not cfg.rm.base or Path(cfg.rm.base).is_dir(), "no such directory")
+    for k in ("rollout_batch_size", "rollout_chunk_size", "step_batch_size", "batch_size", "ppo_epochs",
+              "max_response_len", "kl_horizon", "eval_items"):
+        need(f"ppo.{k}", getattr(p, k) > 0, "expected > 0")
+    for k in ("top_k", "total_steps", "sample_every", "eval_every", "kl_coef", "reward_clip", "clip_range",
+              "clip_range_value", "vf_coef", "entropy_coef"):
+        need(f"ppo.{k}", getattr(p, k) >= 0, "expected >= 0")
+    need("ppo.epochs", p.epochs > 0, "expected > 0")
+    need("ppo.temperature", p.temperature > 0, "expected > 0")
+    need("ppo.top_p", 0 < p.top_p <= 1, "expected 0 < top_p <= 1")
+    need("ppo.kl_target", p.kl_target > 0, "expected > 0")
+    need("ppo.kl_estimator", p.kl_estimator in ("k1", "k1_clamp", "k2", "k3"), "expected k1 | k1_clamp | k2 | k3")
+    need("ppo.correct_rule", p.correct_rule in ("original", "factrl"), "expected original | factrl")
+    need("ppo.reward_scale", p.reward_scale > 0, "expected > 0")
+    need("ppo.gamma", 0 <= p.gamma <= 1, "expected 0 <= gamma <= 1")
+    need("ppo.lam", 0 <= p.lam <= 1, "expected 0 <= lam <= 1")
+    e = cfg.eval
+    need("eval.max_new_tokens", e.max_new_tokens > 0, "expected > 0")
+    need("eval.batch_size", e.batch_size > 0, "expected > 0")
+    need("eval.max_items", e.max_items >= 0, "expected >= 0 (0 = all)")
+    need("eval.benchmark", e.benchmark in ("shapes", "pope", "mmhal", "chair"), "expected shapes | pope | mmhal | chair")
+    need("eval.ppo_set", e.ppo_set in ("shapes", "pope_random", "pope_popular", "pope_adversarial"),
+         "expected shapes | pope_random | pope_popular | pope_adversarial")
+    backends = {b.strip() for b in r.report_to.split(",") if b.strip()}
+    need("run.report_to", bool(backends) and backends <= {"tensorboard", "wandb", "none"},
+         "expected tensorboard | wandb | tensorboard,wandb | none")
+    x = cfg.experiment
+    need("experiment.seeds", len(x.seeds) > 0 and len(set(x.seeds)) == len(x.seeds), "expected distinct seeds")
+    need("experiment.out_dir", x.out_dir.strip() != "", "expected a directory")
+    if bad:
+        raise ConfigError("invalid config value" + ("s" if len(bad) > 1 else "") + ":\n  " + "\n  ".join(bad))
+
+
+def _validate_optim(need, name: str, o: OptimConfig) -> None:
+    need(f"{name}.lr", o.lr >= 0, "expected a learning rate >= 0")
+    need(f"{name}.schedule", o.schedule in ("cosine", "constant", "wsd"), "expected cosine | constant | wsd")
+    need(f"{name}.decay_ratio", 0 < o.decay_ratio <= 1, "expected 0 < decay_ratio <= 1")
+    need(f"{name}.warmup_ratio", 0 <= o.warmup_ratio <= 1, "expected 0 <= warmup_ratio <= 1")
+    need(f"{name}.warmup_steps", o.warmup_steps >= 0, "expected >= 0")
+    need(f"{name}.weight_decay", o.weight_decay >= 0, "expected >= 0")
+    need(f"{name}.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "expected two numbers in [0, 1)")
+    need(f"{name}.grad_clip", o.grad_clip >= 0, "expected >= 0 (0 = no clipping)")
+    need(f"{name}.save_every", o.save_every > 0, "expected > 0")
+    need(f"{name}.keep_last", o.keep_last >= 0, "expected >= 0 (0 = keep all)")
+    need(f"{name}.max_nonfinite_skips", o.max_nonfinite_skips > 0, "expected > 0")
+
+
+def _leaves(obj: Any, prefix: str = ""):
+    """(dotted key, value) of every field, lists' items included."""
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _leaves(v, key + ".")
+        elif isinstance(v, list):
+            yield from ((f"{key}", x) for x in v)
+        else:
+            yield key, v
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:

@@ -98,7 +98,13 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     unknown = sorted(set(columns) - set(COLUMNS))
     if unknown:
         raise ValueError(f"unknown eval columns {unknown} (known: {', '.join(COLUMNS)})")
-    stage = Stage(cfg, "eval")
+    sets = sorted((Path(cfg.data.root) / cfg.data.eval_dir).glob("*.json"))
+    if not sets:  # an all-"-" table that exits 0 would look like a result
+        from factrl.trainers.data import DataError
+
+        raise DataError(Path(cfg.data.root) / cfg.data.eval_dir, msg="no eval sets (*.json) there: nothing to "
+                        "evaluate (data.root / data.eval_dir; ShapesWorld writes POPE, MMHal and CHAIR sets)")
+    stage = Stage(cfg, "eval", trains=False)
     device, out = stage.device, stage.out
     a, ra, adapters = load_models(cfg, stage, columns, reward=True)
     model = a.model
@@ -110,6 +116,8 @@ def evaluate_models(cfg: Config, columns=COLUMNS) -> dict:
     if "blind" in columns and sft_file.is_file():  # the blind baseline needs the SFT answers
         with open(sft_file) as f:
             gens["blind"] = blind_answers(json.load(f))
+    if not gens:
+        raise ValueError(f"nothing to evaluate: none of the columns {', '.join(columns)} exists in {cfg.run.out_dir}")
     results = {}
     for name, gen in gens.items():
         res = run_eval(gen, a.data_root, max_items=cfg.eval.max_items or None, progress=cfg.run.progress,
@@ -212,7 +220,7 @@ def evaluate_benchmark(cfg: Config, columns=("sft", "ppo")) -> dict:
     else:
         raise ConfigError("eval.benchmark=shapes is evaluate_models' (factrl eval without --benchmark)")
     # 2. the models: the base (sft) and the PPO policy, as evaluate_models
-    stage = Stage(cfg, "eval")
+    stage = Stage(cfg, "eval", trains=False)
     out.mkdir(parents=True, exist_ok=True)
     a, _, adapters = load_models(cfg, stage, columns, reward=False)
     loader = image_loader(images, a.processor, cfg.data.image_aspect)

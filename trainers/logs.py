@@ -77,8 +77,11 @@ class Logger:
         row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()},
                **{f"time/{k}": round(v, 4) for k, v in self.phase.items()}}
         self.phase = {}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # ENOSPC from write() carries no file name
+            raise OSError(e.errno, f"{e.strerror}: writing {self.path}", str(self.path)) from e
         scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -113,9 +116,24 @@ def _scalar(v):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``.jsonl`` log. A torn last line (the writer was killed mid-write) is dropped
+    with a warning; a bad line before it is an error naming the file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected an object, got {type(row).__name__}")
+        except ValueError as e:
+            if n == len(lines) - 1:
+                print(f"[factrl] {path}: line {i} is torn (a killed writer?), dropped: {line[:60]!r}", file=sys.stderr)
+                break
+            raise ValueError(f"{path}: line {i} is not a JSON object ({e})") from None
+        rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: Path, png: Path, keys: list[str]) -> Optional[Path]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +40,87 @@ class RunLayout:
                 "ppo": self.policy_adapter / "adapter_config.json"}[stage]
 
 
+class RunDirError(RuntimeError):
+    """The out_dir is another run's: locked by a live process, or holding results a fresh run would mix with."""
+
+
+LOCK = ".factrl.lock"
+
+
+def _proc_start(pid: int) -> str:
+    """The process' start time in clock ticks (/proc), so a reused pid is not taken for the locker."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, someone else's
+        pass
+    return not start or not _proc_start(pid) or _proc_start(pid) == start
+
+
+def lock_out_dir(root: Path) -> Path:
+    """Make ``root`` this process' run directory: ``<root>/.factrl.lock`` holds pid, host and start
+    time; a lock of a live process refuses (RunDirError), a stale one (its process is gone, on this
+    host) is taken over. Re-entrant in one process (the pipeline runs its stages one by one); the
+    lock is dropped when the process exits, or found stale after a kill -9. Rank 0 only under torchrun."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return root / LOCK
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
+    for _ in range(3):
+        tmp = root / f"{LOCK}.{me['pid']}"
+        tmp.write_text(json.dumps({**me, "time": time.time()}))
+        try:  # link: the lock appears complete or not at all
+            os.link(tmp, path)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+                pid, host, start = int(held["pid"]), str(held["host"]), str(held.get("start", ""))
+            except (OSError, ValueError, KeyError, TypeError):  # torn by a kill mid-write: nobody holds it
+                path.unlink(missing_ok=True)
+                continue
+            if (pid, host, start) == (me["pid"], me["host"], me["start"]):
+                return path
+            if host != me["host"] or _alive(pid, start):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("time", 0)))
+                raise RunDirError(f"{root} is in use by another run (pid {pid} on {host}, since {since}): two runs "
+                                  f"would mix their checkpoints and metrics. Wait for it, or delete {path} if that "
+                                  "process is gone")
+            print(f"[factrl] {path}: stale lock of pid {pid} (gone), taking it over")
+            path.unlink(missing_ok=True)
+            continue
+        finally:
+            tmp.unlink(missing_ok=True)
+        import atexit
+
+        atexit.register(_unlock, path, me["pid"])
+        return path
+    raise RunDirError(f"{path}: could not take the run lock")
+
+
+def _unlock(path: Path, pid: int) -> None:
+    try:
+        if json.loads(path.read_text()).get("pid") == pid == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name!r} but CUDA is not available")
+        from factrl.trainers.config import ConfigError
+
+        raise ConfigError(f"run.device={name!r} but CUDA is not available (run.device=cpu or auto)")
     return torch.device(name)
 
 

@@ -10,16 +10,38 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from factrl.trainers.checkpoint import Checkpoints, load_trainable_state, rng_state, set_rng_state, trainable_state
-from factrl.trainers.config import Config, save_config, to_dict
+from factrl.trainers.checkpoint import (
+    CheckpointError,
+    Checkpoints,
+    load_trainable_state,
+    remove_dead_temps,
+    rng_state,
+    set_rng_state,
+    trainable_state,
+)
+from factrl.trainers.config import Config, ConfigError, load_config, save_config, to_dict, write_atomic
 from factrl.trainers.logs import Logger, plot_curves, read_metrics
-from factrl.trainers.run import RunLayout, all_reduce_grads, init_distributed, resolve_device, seed_everything
+from factrl.trainers.run import (
+    RunDirError,
+    RunLayout,
+    all_reduce_grads,
+    all_sum,
+    init_distributed,
+    lock_out_dir,
+    resolve_device,
+    seed_everything,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -123,34 +145,131 @@ def trainable_adapter(model, name: str, lora=None, copy_from: Optional[str] = No
     return params
 
 
+# Resume: what may change without changing the optimization (logged when it does); everything
+# else under model., data., the stage's own section and run.seed must match the checkpoint's
+# config unless run.resume_override. Other stages' sections do not concern this one (logged only).
+HARMLESS_RUN = ("run.out_dir", "run.device", "run.progress")
+HOW_TO_START = ("run.resume", "run.overwrite", "run.resume_override")  # say how to start, not what: not compared
+HARMLESS_FIELDS = ("save_every", "keep_last", "eval_every", "eval_items", "sample_every", "max_nonfinite_skips",
+                   "save_merged")
+PER_RUN_FILES = ("metrics.jsonl", "samples.jsonl")  # rows keyed by "step": fresh per run, cut back on resume
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the stage stopped after a complete step and checkpointed it."""
+
+    def __init__(self, msg: str, signal_name: str):
+        super().__init__(msg)
+        self.signal_name = signal_name
+
+
+def config_changes(old: dict, new: dict, stage: str) -> tuple[dict, dict]:
+    """({key: (old, new)} that change the optimization, {key: (old, new)} that do not), flat keys."""
+    a, b = _flat(old), _flat(new)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k) and k not in HOW_TO_START}
+    relevant = lambda k: (k.startswith(("model.", "data.", f"{stage}.")) or k == "run.seed") and \
+        k not in HARMLESS_RUN and k.rsplit(".", 1)[-1] not in HARMLESS_FIELDS  # noqa: E731
+    return ({k: v for k, v in changed.items() if relevant(k)}, {k: v for k, v in changed.items() if not relevant(k)})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class Stage:
     """One stage run: ``cfg``, ``name``, ``layout`` (every path of the run), ``out`` (this
-    stage's directory), ``device``, ``rank``/``world``; after ``train``: ``optimizer``,
-    ``scheduler``, ``guard``, ``ckpts``, ``log`` and ``start`` (the first step to run)."""
+    stage's directory), ``device``, ``rank``/``world``, ``resume_from`` (the verified checkpoint a
+    resume starts from, or None); after ``train``: ``optimizer``, ``scheduler``, ``guard``,
+    ``ckpts``, ``log`` and ``start`` (the first step to run).
 
-    def __init__(self, cfg: Config, name: str):
+    Before any model or data work the stage takes the out_dir's run lock, removes what killed
+    writers left, picks and verifies the checkpoint to resume from and compares its config with
+    this one; a fresh run into a stage directory holding another run's results refuses (unless
+    ``run.overwrite``). SIGINT/SIGTERM during training end the current step, checkpoint it and
+    raise ``Interrupted``. ``trains=False`` (eval): the lock and config only."""
+
+    def __init__(self, cfg: Config, name: str, trains: bool = True):
         self.cfg, self.name = cfg, name
         self.layout = RunLayout(Path(cfg.run.out_dir))
         self.out = self.layout.stage(name)
         self.device = resolve_device(cfg.run.device)
         seed_everything(cfg.run.seed)
         self.rank, self.world = init_distributed()
+        self.ckpts = Checkpoints(self.out / "checkpoints")
+        self._signal, self._handlers, self.changed = None, {}, {}
+        if self.rank == 0:
+            lock_out_dir(self.layout.root)
+            remove_dead_temps(self.layout.root)  # the tiny base's, a final output's ...
+            remove_dead_temps(self.out)
+        self.resume_from = self._resume_point() if trains else None  # eval: no checkpoints, nothing to resume
         if self.rank == 0:
             save_config(cfg, self.out / "config.yaml")
 
+    def _resume_point(self) -> Optional[Path]:
+        """The checkpoint to resume from (verified, config compared), or None for a fresh run."""
+        cfg, used = self.cfg, self._previous_results()
+        path = self.ckpts.resolve(cfg.run.resume)
+        if path is None and cfg.run.resume in ("", "none") and used and self.rank == 0:
+            if not cfg.run.overwrite:
+                raise RunDirError(f"{self.out} holds another run's {', '.join(used)}: a fresh run there would mix "
+                                  "with them. Continue it with run.resume=auto, replace it with run.overwrite=true, "
+                                  "or choose another run.out_dir")
+            print(f"[factrl] run.overwrite=true: deleting {', '.join(used)} of {self.out}")
+            shutil.rmtree(self.ckpts.root, ignore_errors=True)
+            for f in PER_RUN_FILES:
+                (self.out / f).unlink(missing_ok=True)
+        if path is not None:
+            self._compare_config(path)
+        return path
+
+    def _previous_results(self) -> list[str]:
+        found = [f for f in PER_RUN_FILES if (self.out / f).is_file()]
+        if self.ckpts.root.is_dir() and any(self.ckpts.root.glob("step-*")):
+            found.insert(0, f"checkpoints ({self.ckpts.root})")
+        return found
+
+    def _compare_config(self, path: Path) -> None:
+        """Refuse to resume with values that change the optimization, unless run.resume_override
+        (then they are logged, and ``train`` applies the new optimizer values)."""
+        saved = path / "config.yaml"
+        try:
+            old = to_dict(load_config(str(saved), validate=False))
+        except (ConfigError, OSError) as e:
+            raise CheckpointError(f"{saved}: cannot read the checkpoint's config ({e})") from e
+        self.changed, harmless = config_changes(old, to_dict(self.cfg), self.name)
+        show = lambda d: "\n  ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in d.items())  # noqa: E731
+        if self.changed and not self.cfg.run.resume_override:
+            raise ConfigError(f"resuming {path} with a different config; these values change the optimization:\n  "
+                              f"{show(self.changed)}\nRestore them, or set run.resume_override=true to train on with "
+                              "the new values (recorded in the stage's resume.log)")
+        if (self.changed or harmless) and self.rank == 0:
+            print(f"[factrl] resuming {path} with changed values:\n  {show({**self.changed, **harmless})}")
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "resume.log", "a") as f:
+                f.write(json.dumps({"time": time.time(), "checkpoint": str(path), "override": self.changed,
+                                    "harmless": harmless}, default=str) + "\n")
+
     def train(self, model, params: list, loop, steps: int, generators: Optional[dict] = None) -> dict:
         """Set up training of ``params`` for ``steps`` steps (the schedule's length) and resume
-        per ``run.resume``. Returns the resumed checkpoint's state ({} for a fresh run) for stage
+        from ``resume_from``. Returns the resumed checkpoint's state ({} for a fresh run) for stage
         extras such as kl_coef."""
         self.model, self.params, self.loop, self.steps = model, params, loop, steps
         self.generators = generators or {}
         self.optimizer, self.scheduler = make_optimizer(params, loop, steps)
         self.guard = StepGuard(loop.max_nonfinite_skips)
-        self.ckpts = Checkpoints(self.out / "checkpoints", keep=loop.keep_last)
+        self.ckpts.keep = loop.keep_last
         self.start, state = self._resume()
         run = self.cfg.run
         self.log = Logger(self.out, steps, self.name, run.progress, self.rank, initial=self.start,
                           report_to=run.report_to, run_config=to_dict(self.cfg), project=run.wandb_project)
+        self._catch_signals()
         return state
 
     @property
@@ -165,10 +284,21 @@ class Stage:
                                self.loop.grad_clip)
 
     def end_step(self, step: int, metrics: dict, **extra) -> None:
-        """Log step ``step`` (1-based) and checkpoint it every ``save_every`` steps and at the end."""
+        """Log step ``step`` (1-based) and checkpoint it every ``save_every`` steps, at the end,
+        and when a signal asked to stop (then raise Interrupted)."""
         self.log.log(step, metrics)
-        if self.rank == 0 and (step % self.loop.save_every == 0 or step == self.steps):
-            self.save(step, **extra)
+        stop = self._signal is not None
+        if self.world > 1:  # every process stops after the same step
+            stop = all_sum(float(stop)) > 0
+        saved = None
+        if self.rank == 0 and (step % self.loop.save_every == 0 or step == self.steps or stop):
+            saved = self.save(step, **extra)
+        if stop:
+            name = self._signal or "a signal"
+            self._release_signals()
+            self.log.close()
+            raise Interrupted(f"{self.name}: stopped by {name} after step {step} of {self.steps}; checkpoint "
+                              f"{saved or self.ckpts.root}; continue with run.resume=auto", name)
 
     def save(self, step: int, **extra) -> Path:
         """Everything a resumed run needs: trainable weights, optimizer, schedule, step (= data
@@ -180,27 +310,70 @@ class Stage:
                                self.cfg)
 
     def _resume(self) -> tuple[int, dict]:
-        """(first step, saved state or {}). Log rows of steps the resumed run will redo are
-        dropped; a fresh run starts a fresh log."""
-        metrics = self.out / "metrics.jsonl"
-        path = self.ckpts.resolve(self.cfg.run.resume)
+        """(first step, saved state or {}). Rows of the per-run files (metrics, samples) of steps the
+        resumed run will redo are dropped; a fresh run starts them fresh."""
+        path = self.resume_from
         if path is None:
-            if self.rank == 0 and metrics.exists():
-                metrics.unlink()
+            if self.rank == 0:
+                for f in PER_RUN_FILES:
+                    (self.out / f).unlink(missing_ok=True)
             return 0, {}
         st = Checkpoints.load(path)
+        if st["step"] > self.steps:
+            raise CheckpointError(f"{path} is at step {st['step']}, past this run's {self.steps} steps: resuming "
+                                  "would train nothing and write the old weights as this run's output. Set the "
+                                  "stage's steps to at least that, or start a fresh run (run.overwrite=true)")
         load_trainable_state(self.model, st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
+        if self.changed:  # run.resume_override: the new optimizer values apply from here
+            self._apply_optimizer_config()
         self.guard.skipped, self.guard.consecutive = st["skipped"], st["consecutive"]
         set_rng_state(st["rng"], self.generators)
         if self.rank == 0:
-            rows = [r for r in read_metrics(metrics) if r["step"] <= st["step"]]
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            for f in PER_RUN_FILES:
+                rows = [r for r in read_metrics(self.out / f) if r.get("step", 0) <= st["step"]]
+                if rows or (self.out / f).exists():
+                    write_atomic(self.out / f, "".join(json.dumps(r) + "\n" for r in rows))
             print(f"[factrl] resumed from {path} at step {st['step']}")
         return st["step"], st
 
+    def _apply_optimizer_config(self) -> None:
+        """lr, betas and weight decay of this config (the loaded optimizer state holds the old
+        ones); the schedule's shape and length are this config's already (LambdaLR saves no lambdas)."""
+        sch, loop = self.scheduler, self.loop
+        sch.base_lrs = [loop.lr for _ in self.optimizer.param_groups]
+        for g, lam in zip(self.optimizer.param_groups, sch.lr_lambdas):
+            g["lr"] = loop.lr * lam(sch.last_epoch)
+            g["betas"], g["weight_decay"] = tuple(loop.betas), loop.weight_decay
+        sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _catch_signals(self) -> None:
+        """SIGINT/SIGTERM set a flag that ``end_step`` acts on (the step in flight completes); a
+        second signal abandons at once (KeyboardInterrupt)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None or not self._handlers:
+                raise KeyboardInterrupt
+            self._signal = signal.Signals(signum).name
+            print(f"\n[factrl] {self.name}: {self._signal}: stopping after this step with a checkpoint "
+                  "(again to abandon the step)", file=sys.stderr)
+
+        handler.factrl_previous = {}  # what it replaced: a stage that died of an exception leaves its
+        for s in (signal.SIGINT, signal.SIGTERM):  # handler behind; the next one restores what was first
+            prev = signal.signal(s, handler)
+            handler.factrl_previous[s] = getattr(prev, "factrl_previous", {}).get(s, prev)
+        self._handlers = dict(handler.factrl_previous)
+
+    def _release_signals(self) -> None:
+        for s, h in self._handlers.items():
+            signal.signal(s, h)
+        self._handlers = {}
+
     def finish(self, plot_keys) -> None:
+        self._release_signals()
         self.log.close()
         if self.rank == 0:
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", list(plot_keys))
