@@ -547,7 +547,8 @@ def validate_config(cfg: Config) -> None:
     need("eval.max_new_tokens", e.max_new_tokens > 0, "expected > 0")
     need("eval.batch_size", e.batch_size > 0, "expected > 0")
     need("eval.max_items", e.max_items >= 0, "expected >= 0 (0 = all)")
-    need("eval.benchmark", e.benchmark in ("shapes", "pope", "mmhal", "chair"), "expected shapes | pope | mmhal | chair")
+    need("eval.benchmark", e.benchmark in ("shapes", "pope", "mmhal", "chair"),
+         "expected shapes | pope | mmhal | chair")
     need("eval.ppo_set", e.ppo_set in ("shapes", "pope_random", "pope_popular", "pope_adversarial"),
          "expected shapes | pope_random | pope_popular | pope_adversarial")
     backends = {b.strip() for b in r.report_to.split(",") if b.strip()}
