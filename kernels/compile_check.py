@@ -5,10 +5,11 @@ and spills read from the result.
     python -m factrl.kernels.compile_check [--full] [--arch 90 80] [--jobs 2] [--json OUT]
 
 Quick (the test suite): each kernel x dtype variant x launcher role once, with one
-representative config, on both architectures. ``--full`` (``make compile-check``): the cartesian
-product of every flag the launchers set and every config of the autotune lists (~17 minutes on
-2 cores). A variant is what the launchers can pass: the activation dtype (fp32 | fp16 | bf16),
-the adapter dtype (the activation's, or fp32 master weights), and the constexpr flags.
+representative config (the smallest tiles), on both architectures: 122 compiles. ``--full``
+(``make compile-check``): every flag combination the launchers set at the representative config,
+plus every autotune config of the quick variants: 644 compiles. A variant is what the launchers
+can pass: the activation dtype (fp32 | fp16 | bf16), the adapter dtype (the activation's, or fp32
+master weights), and the constexpr flags.
 
 Every launch argument is given as a representative value from a LLaVA-7B launch, so the
 compile sees the specializations the GPU run will see (an int equal to 1 becomes a constant,
