@@ -5,20 +5,21 @@ and spills read from the result.
     python -m factrl.kernels.compile_check [--full] [--arch 90 80] [--jobs 2] [--json OUT]
 
 Quick (the test suite): each kernel x dtype variant x launcher role once, with one
-representative config, on both architectures. ``--full`` (``make compile-check``): the cartesian
-product of every flag the launchers set and every config of the autotune lists (~17 minutes on
-2 cores). A variant is what the launchers can pass: the activation dtype (fp32 | fp16 | bf16),
-the adapter dtype (the activation's, or fp32 master weights), and the constexpr flags.
+representative config (the smallest tiles), on both architectures: 122 compiles. ``--full``
+(``make compile-check``): every flag combination the launchers set at the representative config,
+plus every autotune config of the quick variants: 644 compiles. A variant is what the launchers
+can pass: the activation dtype (fp32 | fp16 | bf16), the adapter dtype (the activation's, or fp32
+master weights), and the constexpr flags.
 
 Every launch argument is given as a representative value from a LLaVA-7B launch, so the
 compile sees the specializations the GPU run will see (an int equal to 1 becomes a constant,
 one divisible by 16 and every pointer get Triton's divisibility-16 hint).
 
 Fails (exit 1, ``problems`` in the JSON) on: a compile error; compiled shared memory over the
-architecture's per-block limit for a config the launch-time pruning keeps
-(``kernels/_limits.py``); a shared-memory estimate that is below what the compiler allocated (the
-pruning would then keep a config that cannot launch); and, on sm_90, any autotune config whose
-estimate exceeds the limit (a config no target architecture can use).
+architecture's per-block limit for a config the launch-time pruning keeps (``kernels/_limits.py``:
+it prunes by the measured table ``kernels/_shared_table.py``, which ``--write-table`` rewrites); a
+compile above its table entry (a stale table); and a bf16 autotune config whose table entry
+exceeds sm_90's limit (a config no target architecture can use on the production path).
 
 Must run with ``TRITON_INTERPRET`` unset (under the interpreter the kernels are not compilable
 objects and the autotune lists are reduced to one config); the test runs it in a subprocess.
@@ -340,7 +341,7 @@ def estimate_problems(variants: list[Variant]) -> tuple[list[dict], list[str]]:
                 continue
             seen.add(key)
             est = {arch: estimate(v, meta, warps, stages, arch) for arch in ARCHS}
-            fits = {arch: est[arch] <= _limits.SHARED_LIMIT[arch] for arch in ARCHS}
+            fits = {arch: est[arch] is None or est[arch] <= _limits.SHARED_LIMIT[arch] for arch in ARCHS}
             rows.append({"kernel": v.kernel, "variant": v.tag, "config": key[2],
                          **{f"estimate_sm{a}": e for a, e in est.items()},
                          **{f"fits_sm{a}": f for a, f in fits.items()}})
@@ -368,9 +369,10 @@ def compile_problems(rows: list[dict]) -> list[str]:
         kept = est is None or est <= _limits.SHARED_LIMIT[r["arch"]]
         if kept and r["shared"] > _limits.SHARED_LIMIT[r["arch"]]:
             problems.append(f"{where}: {r['shared']} B shared memory over the {_limits.SHARED_LIMIT[r['arch']]} B "
-                            f"limit, and the pruning keeps it (estimate {est})")
+                            f"limit, and the pruning keeps it (table entry {est}; rerun with --write-table)")
         if est is not None and r["shared"] > est:
-            problems.append(f"{where}: compiled shared memory {r['shared']} B above the pruning's estimate {est} B")
+            problems.append(f"{where}: compiled shared memory {r['shared']} B above its table entry {est} B "
+                            f"(stale kernels/_shared_table.py: rerun with --write-table)")
     return problems
 
 
@@ -437,8 +439,10 @@ def write_table(rows: list[dict], path: str) -> int:
             k = tuple(r["table_key"])
             table.setdefault(k, {})
             table[k][r["arch"]] = max(table[k].get(r["arch"], 0), r["shared"])
-    lines = ['"""Shared memory (bytes) Triton allocated per autotune config, per architecture: written by',
-             f'``python -m factrl.kernels.compile_check --write-table`` (triton {triton.__version__}). Keys: (kernel,',
+    lines = ["# ruff: noqa: E501",
+             '"""Shared memory (bytes) Triton allocated per autotune config, per architecture: written by',
+             f'``python -m factrl.kernels.compile_check --all-configs --write-table`` (triton {triton.__version__}). '
+             'Keys: (kernel,',
              'launcher role, activation/first operand bytes, adapter/second operand bytes, config). Do not edit."""',
              "", "SHARED = {"]
     for k in sorted(table):

@@ -116,20 +116,20 @@ def _cfg(d, w, s):
 # Hopper/Ampere: big out tiles for the compute-bound shapes, small-M tiles for short batches. At
 # launch the pruning drops what the device's shared memory cannot hold; compile_check.py compiles
 # every entry for sm_90 and sm_80 and reports shared memory, registers and spills.
+# Chosen by compiling bf16 activations with grouped LoRA (bf16 and fp32 adapters) for sm_80 and
+# sm_90 (compile_check --all-configs, triton 3.9, 2026-12-02). Dropped: every mm config with
+# BLOCK_L=128 (0.5-11.7 KB of register spills on every arch and role; 128/128/128 also needs 174 KB
+# on sm_80), mm 128/256/64 (13 KB of spills in dX on sm_80), mm 64/256/64 x 4 stages (272 KB with
+# fp32 adapters: fits neither), gemv 128/256 x 8 warps (225 / 233 KB: fits neither), the gemv and
+# projection configs that spilled 0.1-7 KB. Left: spill-free with bf16 adapters except mm dX on
+# sm_80 (12 / 92 bytes); the new small-M entries are measured by the quick compile check.
 GPU_MM_CONFIGS = [
     _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-    _cfg({"BLOCK_M": 128, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
     _cfg({"BLOCK_M": 256, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 8, 3),
-    _cfg({"BLOCK_M": 128, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 8, 3),
-    _cfg({"BLOCK_M": 64, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
-    _cfg({"BLOCK_M": 64, "BLOCK_J": 256, "BLOCK_L": 64, "GROUP_M": 8}, 8, 4),
-    _cfg({"BLOCK_M": 32, "BLOCK_J": 128, "BLOCK_L": 128, "GROUP_M": 8}, 4, 4),
+    _cfg({"BLOCK_M": 32, "BLOCK_J": 128, "BLOCK_L": 64, "GROUP_M": 8}, 4, 3),  # short batches
 ]
-GPU_GEMV_CONFIGS = [_cfg({"BLOCK_N": bn, "BLOCK_K": bk}, w, s)
-                    for bn, bk, w, s in [(32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
-                                         (128, 256, 8, 3), (32, 512, 4, 2), (16, 512, 4, 3)]]
-GPU_PROJ_CONFIGS = [_cfg({"BLOCK_M": bm, "BLOCK_L": bl}, w, s)
-                    for bm, bl, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3)]]
+GPU_GEMV_CONFIGS = [_cfg({"BLOCK_N": bn, "BLOCK_K": bk}, w, s) for bn, bk, w, s in [(64, 128, 4, 4), (32, 128, 4, 4)]]
+GPU_PROJ_CONFIGS = [_cfg({"BLOCK_M": bm, "BLOCK_L": bl}, w, s) for bm, bl, w, s in [(64, 64, 4, 3), (32, 128, 4, 3)]]
 if TRITON_INTERPRET:  # one config: the interpreter would otherwise "benchmark" every candidate
     _MM_CONFIGS = [_cfg({"BLOCK_M": 32, "BLOCK_J": 64, "BLOCK_L": 64, "GROUP_M": 4}, 4, 1)]
     _GEMV_CONFIGS = [_cfg({"BLOCK_N": 64, "BLOCK_K": 64}, 4, 1)]
