@@ -161,6 +161,7 @@ def convert_original(src, dst, vision_tower: Optional[str] = None) -> dict:
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     vocab_rows = max(int(raw["vocab_size"]), len(tok))
     files = _weight_files(src)
+    tower_dir = find_vision_tower(src, raw, vision_tower)  # before any work: its config is always needed
 
     weight_map: dict[str, str] = {}
     has_tower = False
@@ -184,7 +185,6 @@ def convert_original(src, dst, vision_tower: Optional[str] = None) -> dict:
             del out
         # 2. the CLIP tower from mm_vision_tower (its config always; its weights unless the
         # checkpoint carried them, as a run with an unfrozen tower saves)
-        tower_dir = find_vision_tower(src, raw, vision_tower)
         vc = CLIPVisionConfig.from_pretrained(str(tower_dir))
         if not has_tower:
             tower = CLIPVisionModel.from_pretrained(str(tower_dir))
