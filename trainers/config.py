@@ -430,7 +430,7 @@ def validate_config(cfg: Config) -> None:
         need(f"{name}.max_steps", lp.max_steps >= 0, "expected >= 0 (0 = use epochs)")
         need(f"{name}.batch_size", lp.batch_size > 0, "expected > 0")
         need(f"{name}.grad_accum", lp.grad_accum > 0, "expected > 0")
-        need(f"{name}.eval_every", lp.eval_every >= 0, "expected >= 0")
+        need(f"{name}.eval_every", lp.eval_every >= -1, "expected >= -1 (0 = at the end only, -1 = never)")
     need("sft.mode", cfg.sft.mode in ("full", "qlora"), "expected full | qlora")
     need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
     need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
