@@ -125,7 +125,7 @@ class Checkpoints:
                 write_manifest(tmp)
                 (tmp / "COMPLETE").write_text(str(step))
         except (OSError, RuntimeError) as e:  # torch's writer says "iostream error" for a full disk
-            if isinstance(e, RuntimeError) and not re.search(r"iostream|write|file", str(e), re.I):
+            if isinstance(e, RuntimeError) and not re.search(r"iostream|write|file|inline_container", str(e), re.I):
                 raise
             free = shutil.disk_usage(self.root).free if self.root.is_dir() else -1
             err = getattr(e, "errno", None) or (errno.ENOSPC if 0 <= free < (64 << 20) else errno.EIO)
