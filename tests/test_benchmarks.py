@@ -391,7 +391,7 @@ def test_factrl_eval_benchmark_mmhal_and_chair_run_on_a_tiny_checkpoint(tiny_ckp
     assert "no judge configured" in capsys.readouterr().out
     url, server = judge
     # the command it prints: the written file judged as it is, without a model
-    assert _eval_cli("mmhal", "unused", tmp_path, f"eval.mmhal.responses={out / 'responses_sft.json'}",
+    assert _eval_cli("mmhal", tiny_ckpt, tmp_path, f"eval.mmhal.responses={out / 'responses_sft.json'}",
                      f"eval.judge.base_url={url}") == 0
     assert len(server.requests) == 4 and (out / "reviews_sft.json").is_file()
     assert json.loads((out / "responses_sft.json").read_text()) == responses

@@ -525,7 +525,9 @@ def validate_config(cfg: Config) -> None:
     need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
     need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
     p = cfg.ppo
-    for k in ("base", "reward_adapter", "init_adapter", "reward_base"):
+    # ppo.init_adapter / ppo.reward_base are checked when PPO starts: `factrl plan` takes them as
+    # hypothetical paths or architecture names
+    for k in ("base", "reward_adapter"):
         need(f"ppo.{k}", not getattr(p, k) or Path(getattr(p, k)).is_dir(), "no such directory")
     need("rm.base", not cfg.rm.base or Path(cfg.rm.base).is_dir(), "no such directory")
     for k in ("rollout_batch_size", "rollout_chunk_size", "step_batch_size", "batch_size", "ppo_epochs",
