@@ -46,10 +46,12 @@ def pair_rewards(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return r[:B], r[B:]
 
 
-def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False) -> tuple[list, list]:
-    """(train, held-out) pairs as RM inputs. Held-out: ``data.preference_eval_file`` when it exists,
-    else ``rm.eval_size`` pairs carved from the preference file by a permutation seeded with
-    run.seed, as RLHF/data_utils/data_utils_rm.py:255-271 (random_split, the run's seed)."""
+def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False,
+               with_held: bool = True) -> tuple[list, list]:
+    """(train, held-out) pairs as RM inputs. Held-out: ``data.preference_eval_file`` when it exists
+    (not read without ``with_held``), else ``rm.eval_size`` pairs carved from the preference file
+    by a permutation seeded with run.seed, as RLHF/data_utils/data_utils_rm.py:255-271
+    (random_split, the run's seed)."""
     root = a.data_root
     captions = load_captions(root / cfg.data.captions_file) if fact_augmented else None
     load = lambda f: load_preferences(  # noqa: E731
@@ -57,7 +59,8 @@ def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False) ->
         template=cfg.data.fact_template, skip_bad=cfg.data.skip_bad_records,
         image_folder=str(root / cfg.data.image_folder), system=cfg.data.system_prompt, seed=cfg.run.seed)
     if cfg.data.preference_eval_file and (root / cfg.data.preference_eval_file).is_file():
-        return ([] if held_only else load(cfg.data.preference_file)), load(cfg.data.preference_eval_file)
+        return ([] if held_only else load(cfg.data.preference_file)), \
+            (load(cfg.data.preference_eval_file) if with_held else [])
     pairs = load(cfg.data.preference_file)
     n = cfg.rm.eval_size
     if not 0 < n < len(pairs):
@@ -109,8 +112,10 @@ def train_rm(cfg: Config) -> dict:
 
     # 3. preference pairs, rendered as RM prompts (fact-augmented or vanilla)
     fact = cfg.rm.fact_augmented
-    train, held = load_pairs(cfg, a, fact)
-    print(f"[factrl] rm ({'fact-augmented' if fact else 'vanilla'}): {len(train)} train pairs, {len(held)} held-out")
+    scored = cfg.rm.eval_every >= 0  # -1: never scored here, so the held-out file is not even read
+    train, held = load_pairs(cfg, a, fact, with_held=scored)
+    print(f"[factrl] rm ({'fact-augmented' if fact else 'vanilla'}): {len(train)} train pairs, "
+          + (f"{len(held)} held-out" if scored else "no held-out scoring (rm.eval_every=-1)"))
 
     # 4. Bradley–Terry loss over the global batch of pairs
     def make_batch(idx):
@@ -131,7 +136,8 @@ def train_rm(cfg: Config) -> dict:
     def eval_fn(step):
         return evaluate_pairs(model, held, cfg.eval.batch_size, tok.pad_token_id, a.images, device)
 
-    metrics = supervised_loop(stage, cfg.rm, model, params, len(train), make_batch, count, loss_fn, eval_fn,
+    metrics = supervised_loop(stage, cfg.rm, model, params, len(train), make_batch, count, loss_fn,
+                              eval_fn if scored else None,
                               plot_keys=("loss", "acc", "eval/acc", "eval/acc_hallucination"))
 
     # 5. the reward adapter + head in PEFT format
