@@ -7,9 +7,11 @@ byte, element ``2j`` in the high nibble. The per-block absmax is fp32, or with d
 quantization: ``absmax = code2[qabsmax] * absmax2[block // 256] + offset`` (uint8 codes into
 bitsandbytes' signed dynamic map, one fp32 scale per 256 blocks, one global offset).
 
-This file is pure PyTorch: it quantizes (mirroring bitsandbytes' own torch path) and
-dequantizes bit for bit like ``bitsandbytes.functional.dequantize_4bit``. The fused kernels
-read :class:`NF4Weight` directly; nothing here materializes more than one weight at a time.
+This file is pure PyTorch: it quantizes like ``bitsandbytes.functional.quantize_4bit`` (for the
+nested absmax codes it replicates bnb's CPU binary or its CUDA kernel, which choose differently:
+see :func:`quantize_blockwise_bnb`) and dequantizes bit for bit like
+``bitsandbytes.functional.dequantize_4bit``. The fused kernels read :class:`NF4Weight` directly;
+nothing here materializes more than one weight at a time.
 """
 
 from __future__ import annotations
@@ -140,8 +142,104 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return flat.view(-1, blocksize).abs().amax(dim=1)
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-    """Quantize a 2-D weight like ``bitsandbytes.functional.quantize_4bit(w, quant_type='nf4')``."""
+# ---- bitsandbytes' 8-bit blockwise quantizer (the nested absmax of double quantization) --------
+# bnb chooses the uint8 code differently on CPU and on CUDA; both are replicated here, operation
+# for operation in fp32. Sources: bitsandbytes-foundation/bitsandbytes at 95f9af30 (0.50.2.dev0;
+# the installed 0.50.2 wheel's x86-64 CPU binary was disassembled and its codes compared too).
+# Both rules first scale a block by ``1.0f / absmax`` and then multiply (never divide):
+# csrc/cpu_ops.cpp:618,661 and csrc/kernels.cu:332,349.
+NESTED_RULES = ("cuda", "cpu")
+
+
+def _scaled_blocks(a: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x ``[n_blocks, blocksize]`` = a * (1 / absmax), absmax fp32 ``[n_blocks]``)."""
+    flat = a.reshape(-1).float()
+    pad = (-flat.numel()) % blocksize
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, blocksize)  # zero padding cannot win
+    absmax = blocks.abs().amax(dim=1)
+    # cpu: IEEE division (vdivss). cuda: built with --use_fast_math (CMakeLists.txt:190), so this
+    # is MUFU.RCP (rcp.approx.ftz.f32, <= 1 ulp; seen in the sm_90 SASS of kQuantizeBlockwise<float,
+    # 256, 2, 0, General8bit>); here it is the correctly rounded reciprocal.
+    return blocks * (1.0 / absmax)[:, None], absmax
+
+
+def _quantize_blockwise_cpu(a: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """bnb's CPU binary (csrc/cpu_ops.cpp ``quantize_cpu_impl``, lines 575-665): not the nearest
+    code but a 65536-entry lookup table over [-1, 1], each bin taking the code nearest its centre.
+    Bins are 2/65535 wide, coarser than the map near zero: x in [-3.05e-5, 0) gets code 123
+    (-2.1e-5), [0, 3.05e-5) gets 131 (+2.1e-5), and codes 124..130 (zero among them) never occur."""
+    n = a.numel()
+    x, absmax = _scaled_blocks(a, blocksize)
+    # build_quantize_lut (lines 501-519): entry i holds the number of code midpoints below
+    # -1 + 2i/65535, i.e. the first code whose upper midpoint is >= that value.
+    i = torch.arange(65536, dtype=torch.float32, device=a.device)
+    lut_val = (i + i) / 65535.0 - 1.0  # -1.0f + (2.0f * i) / (kLUTSize - 1)
+    mids = (code[:-1] + code[1:]) * 0.5  # 0.5f * (codebook[i] + codebook[i + 1])
+    lut = torch.searchsorted(mids, lut_val)  # (65536,), counts midpoints strictly below
+    # norm_to_lut_index (lines 569-572): uint16((clamp(x, -1, 1) + 1) * 0.5 * 65535 + 0.5). The
+    # x86-64 binary fuses the last multiply-add (vfmadd213ss), aarch64 does not (vmlaq_f32, line
+    # 226); both give the same index for every reachable input (t = (x+1)/2 is a multiple of
+    # 2^-25: all 2^25 + 1 of them checked in tests/test_nf4_lora.py), so plain fp32 ops suffice.
+    zero = absmax == 0  # lines 611-616: an all-zero block stores code 0 (its x is 0 * inf = NaN)
+    t = (torch.clamp(x.masked_fill(zero[:, None], 0.0), -1.0, 1.0) + 1.0) * 0.5
+    idx = (t * 65535.0 + 0.5).long()  # static_cast truncates; the value is >= 0.5
+    q = lut[idx].masked_fill(zero[:, None], 0)
+    return q.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def _quantize_blockwise_cuda(a: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """bnb's CUDA kernel (csrc/kernels.cu ``kQuantizeBlockwise`` line 271 with ``dQuantize<0>``
+    line 160; blocksize 256 -> kQuantizeBlockwise<T, 256, 2, 0, General8bit>, csrc/ops.cu:53): a
+    7-step binary search from pivot 127, then the nearer of the last pivot and its neighbour by an
+    fp32 midpoint ``(a + b) * 0.5f`` (lines 190, 196): the nearest code, an x exactly on a
+    midpoint taking the last pivot, which is always even (127 +- 64 +- ... +- 1)."""
+    n = a.numel()
+    x, absmax = _scaled_blocks(a, blocksize)
+    x = x.reshape(-1)  # an all-zero block gives 0 * inf = NaN: every comparison is false -> code 0
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    lower = torch.full_like(x, -1.0)
+    upper = torch.full_like(x, 1.0)
+    val = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):  # kernels.cu:170-181
+        up = x > val
+        lower_pivot = torch.where(up, pivot, lower_pivot)
+        lower = torch.where(up, val, lower)
+        upper_pivot = torch.where(up, upper_pivot, pivot)
+        upper = torch.where(up, upper, val)
+        pivot = torch.where(up, pivot + step, pivot - step)
+        val = code[pivot]
+    upper = torch.where(upper_pivot == 255, code[255], upper)  # lines 183-186
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    above = x > val  # lines 188-199 (the non-stochastic branch)
+    q = torch.where(above, torch.where(x > (upper + val) * 0.5, upper_pivot, pivot),
+                    torch.where(x < (lower + val) * 0.5, lower_pivot, pivot))
+    # FTZ (fast math) would also flush a subnormal x to 0; x = v * (1 / absmax2) is never one here.
+    return q[:n].to(torch.uint8), absmax
+
+
+def quantize_blockwise_bnb(a: torch.Tensor, code: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE,
+                           rule: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitsandbytes.functional.quantize_blockwise(a, code, blocksize=blocksize)`` for fp32 ``a``:
+    (uint8 codes shaped like ``a``, fp32 absmax ``[n_blocks]``). ``rule`` picks whose code choice
+    to reproduce, ``"cuda"`` (the kernel real checkpoints are quantized with) or ``"cpu"`` (bnb's
+    CPU binary); by default the one bnb itself would run for ``a``'s device."""
+    rule = rule or ("cuda" if a.is_cuda else "cpu")
+    if rule not in NESTED_RULES:
+        raise ValueError(f"rule must be one of {NESTED_RULES}, got {rule!r}")
+    fn = _quantize_blockwise_cuda if rule == "cuda" else _quantize_blockwise_cpu
+    q, absmax = fn(a, code.to(a.device, torch.float32), blocksize)
+    return q.view(a.shape), absmax
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                 nested_rule: Optional[str] = None) -> NF4Weight:
+    """Quantize a 2-D weight like ``bitsandbytes.functional.quantize_4bit(w, quant_type='nf4')``.
+
+    ``nested_rule`` (double quantization only): ``"cuda"`` or ``"cpu"``, whose choice of the uint8
+    absmax codes to reproduce (see :func:`quantize_blockwise_bnb`); by default that of the device
+    ``w`` lives on, so the result equals bnb's on the same device."""
     if w.dim() != 2:
         raise ValueError(f"quantize_nf4 expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
     if w.numel() % 2:
@@ -156,14 +254,12 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     packed = (q[0::2] << 4) | q[1::2]
     if not double_quant:
         return NF4Weight(packed, absmax, tuple(w.shape), blocksize, code=code)
-    # Double quantization: absmax - mean, blocks of 256 scaled into the dynamic map.
+    # Double quantization (bitsandbytes/functional.py:938-940): absmax - mean, in blocks of 256,
+    # into the signed dynamic map.
     offset = absmax.mean()
-    centered = absmax - offset
-    absmax2 = _blockwise_absmax(centered, NESTED_BLOCKSIZE)
-    s2 = absmax2.clamp(min=1e-38).repeat_interleave(NESTED_BLOCKSIZE)[: centered.numel()]
     code2 = dynamic_map().to(w.device)
-    qabs = torch.bucketize(torch.clamp(centered / s2, -1, 1), (code2[:-1] + code2[1:]) / 2, out_int32=True)
-    return NF4Weight(packed, qabs.to(torch.uint8), tuple(w.shape), blocksize, absmax2, code2, offset, code)
+    qabs, absmax2 = quantize_blockwise_bnb(absmax - offset, code2, NESTED_BLOCKSIZE, nested_rule)
+    return NF4Weight(packed, qabs, tuple(w.shape), blocksize, absmax2, code2, offset, code)
 
 
 def dequantize_nf4(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -55,6 +55,12 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80(tmp_path):
     for e in rep["estimates"]:
         by_list.setdefault((e["kernel"], e["variant"]), []).append(e["fits_sm80"])
     assert by_list and all(any(f) for f in by_list.values())
+    # ... and every autotune config's shared memory is known on both architectures: from the
+    # table (checked against the compiler by the sweep), or compiled in this run
+    compiled = {(r["kernel"], r["variant"], r["arch"], r["config"]) for r in rep["rows"]}
+    unknown = [(e["kernel"], e["variant"], a, e["config"]) for e in rep["estimates"] for a in (80, 90)
+               if e[f"estimate_sm{a}"] is None and (e["kernel"], e["variant"], a, e["config"]) not in compiled]
+    assert not unknown, f"autotune configs neither in the table nor compiled: {unknown[:5]}"
 
 
 @pytest.mark.slow
@@ -62,6 +68,34 @@ def test_full_sweep_every_config_compiles(tmp_path):
     """``make compile-check``: every flag combination, every autotune config of the main variants (644 compiles)."""
     rep = _check(tmp_path, "--full", timeout=3 * 3600)
     assert rep["failed"] == 0
+
+
+def _plan(code: str) -> dict:
+    """Run ``code`` (which prints one JSON line) with compile_check importable (no interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_quick_check_compiles_what_the_table_does_not_measure():
+    # The quick check compiles one config per variant and takes every other autotune config's
+    # shared memory from kernels/_shared_table.py. That table covers every list (else the pruning
+    # keeps a config blindly and the quick check must compile it: slower, and the check says so),
+    # and a config added to a list without re-measuring is compiled, so an over-limit one fails.
+    out = _plan("""
+import json
+from factrl.kernels import compile_check as C
+vs = C.all_variants(False)
+extra = {f"{v.tag} sm_{a}": C._configs_to_compile(v, a, False) for v in vs for a in C.ARCHS
+         if C._configs_to_compile(v, a, False) != [C.representative(v)]}
+v = next(v for v in vs if v.tag.startswith("gemv-bf16-lorabf16"))
+v.configs.append(({"BLOCK_N": 256, "BLOCK_K": 256}, 8, 4))
+print(json.dumps({"extra": extra, "added": {a: C._configs_to_compile(v, a, False) for a in C.ARCHS},
+                  "rep": C.representative(v), "n": len(v.configs)}))
+""")
+    assert not out["extra"], f"configs missing from kernels/_shared_table.py (rerun --write-table): {out['extra']}"
+    assert out["added"] == {str(a): [out["rep"], out["n"] - 1] for a in (90, 80)}
 
 
 def test_no_constexpr_goes_unused():
@@ -100,7 +134,8 @@ def test_pruning_drops_exactly_the_configs_over_the_device_limit(monkeypatch):
     mm = (NL._PRUNE_MM, NL.GPU_MM_CONFIGS + [big], "_nf4_lora_mm_kernel")
     cases = [(*mm, "dx", {"a_ptr": 2, "lw_ptr": 2}, {"FWD": False}),
              (*mm, "fwd", {"a_ptr": 2, "lw_ptr": 2}, {"FWD": True}),
-             (*mm, "fwd", {"a_ptr": 4, "lw_ptr": 4}, {"FWD": True}),  # not measured: nothing pruned
+             (*mm, "fwd", {"a_ptr": 4, "lw_ptr": 4}, {"FWD": True}),
+             (*mm, "dx", {"a_ptr": 4, "lw_ptr": 4}, {"FWD": False}),  # fp32 256/128/64: 169 KB on sm_80
              (NL._PRUNE_GEMV, NL.GPU_GEMV_CONFIGS, "_nf4_lora_gemv_kernel", "-", {"x_ptr": 4, "lw_ptr": 4}, {}),
              (LP._PRUNE_FWD, [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_K=k), num_warps=w, num_stages=s)
                               for n, v, k, w, s in LP._GEMM_CONFIGS],
@@ -118,7 +153,8 @@ def test_pruning_drops_exactly_the_configs_over_the_device_limit(monkeypatch):
             assert kept == [c for c, s in zip(configs, sizes) if s is None or s <= limit], f"{kernel} sm_{arch}"
             assert kept
             dropped_on_sm80 += (len(configs) - len(kept)) if arch == 80 else 0
-    assert dropped_on_sm80 == 2  # the big config, forward and dX in bf16; fp32 has no table entries
+    # the big config (forward and dX in bf16), and fp32 dX 256/128/64 (169 KB; fp32 has no big-config entry)
+    assert dropped_on_sm80 == 3
     import torch
 
     cpu = {"a_ptr": torch.zeros(1), "lw_ptr": torch.zeros(1)}  # the interpreter: nothing to prune
