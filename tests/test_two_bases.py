@@ -40,8 +40,8 @@ def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     cfg = load_config("tiny", POLICY + [f"run.out_dir={root}", f"data.root={root}/data"])
     prepare(cfg)
-    b = build_tiny_checkpoint(root / "reward_base", TinyModelConfig(**REWARD_TINY), vocabulary_corpus(cfg, root / "data"),
-                              seed=5)
+    b = build_tiny_checkpoint(root / "reward_base", TinyModelConfig(**REWARD_TINY),
+                              vocabulary_corpus(cfg, root / "data"), seed=5)
     a = root / "tiny_base"
     torch.manual_seed(1)
     _random_adapter(load_llava(a, quantize=True), "reward", root / "rm_a", head="reward")
