@@ -73,7 +73,7 @@ def test_every_planted_hallucination_is_detected(world):
     planted = world["planted"]
     assert len(planted) >= 1000
     kinds = Counter(k for *_, k in planted)
-    assert set(kinds) == {"wrong_attribute", "absent_object", "wrong_count", "wrong_relation"}
+    assert set(kinds) == {"wrong_attribute", "absent_object", "denied_object", "wrong_count", "wrong_relation"}
     for scene, spec, ans, kind in planted:
         r = G.check_answer(ans, spec, scene)
         assert r["hallucination"] and not r["correct"], (kind, spec, ans, scene)
@@ -245,7 +245,7 @@ def test_every_question_type_reads_back_its_own_answers(seed):
     for spec in specs:
         qt = G.QTYPES[spec["type"]]
         good, (bad, kind) = G.answer(spec, scene), G.hallucinate(spec, scene, rng)
-        assert kind in {"wrong_attribute", "absent_object", "wrong_count", "wrong_relation"}
+        assert kind in {"wrong_attribute", "absent_object", "denied_object", "wrong_count", "wrong_relation"}
         r = G.check_answer(good, spec, scene)
         assert r["correct"] and not r["hallucination"], (spec, good, scene)
         r = G.check_answer(bad, spec, scene)
@@ -263,3 +263,45 @@ def test_every_question_type_reads_back_its_own_answers(seed):
 def test_the_specs_cover_every_question_type():
     assert {sp["type"] for seed in range(100) for sp in _specs(seed)[1]} == set(G.QTYPES)
     assert set().union(*(q.claims for q in G.QTYPES.values())) == set(G.CLAIMS)  # no pattern unused
+
+
+def test_preference_question_types_are_metadata_the_tokenizer_never_reads(world, tmp_path):
+    """Every pair names its question type; the field stays out of the tiny tokenizer's corpus, so
+    adding it (or any per-type label) cannot retrain a different SFT (issue 16: one metadata field
+    changed the corpus, the tokenizer and POPE F1 0.919 -> 0.519)."""
+    recs = world["preference"] + world["preference_eval"]
+    kinds = Counter(r["question_type"] for r in recs)
+    assert set(kinds) == set(G.QUESTION_TYPES)
+    # hand-worked: an absent object's colour question is adversarial, a present one's attribute
+    s = W.Scene("x", "x.png", "white", [W.Obj("square", "red", "large", 0, 0)], "train")
+    assert G.question_type({"type": "color", "shape": "circle"}, s) == "adversarial"
+    assert G.question_type({"type": "color", "shape": "square"}, s) == "attribute"
+    assert G.question_type({"type": "where", "color": "red", "shape": "square"}, s) == "spatial"
+    assert G.question_type({"type": "size", "color": "blue", "shape": "square"}, s) == "adversarial"
+    root = tmp_path
+    SD.write_dataset(root, 40, seed=3)
+    corpus = list(D.text_corpus(root))
+    for name in ("preference.json", "preference_eval.json"):
+        rows = json.loads((root / name).read_text())
+        assert all("question_type" in r for r in rows)
+        for r in rows:
+            del r["question_type"]
+        (root / name).write_text(json.dumps(rows))
+    assert list(D.text_corpus(root)) == corpus
+    # the tiny base's vocabulary never reads the preference files at all
+    base = list(D.text_corpus(root, exclude=("preference.json", "preference_eval.json")))
+    (root / "preference.json").write_text("[]")
+    assert list(D.text_corpus(root, exclude=("preference.json", "preference_eval.json"))) == base != corpus
+
+
+def test_denying_a_present_object_is_a_planted_hallucination(world):
+    """The defect: "There is no X in the image." was only ever a pair's chosen answer, so every RM
+    learned it as good and PPO said it to every colour/size question. Now it is also planted as the
+    rejected answer about objects the scene has (about a third of those lies), and the checker calls it one."""
+    denied = [(s, sp, bad) for s, sp, bad, kind in world["planted"] if kind == "denied_object"]
+    lies = [k for s, sp, bad, k in world["planted"] if sp["type"] in ("color", "size", "where")
+            and s.find(color=sp.get("color"), shape=sp["shape"])]
+    assert 0.25 < len(denied) / len(lies) < 0.42
+    for s, sp, bad in denied:
+        assert bad.startswith("There is no ") and s.find(color=sp.get("color"), shape=sp["shape"])
+        assert G.check_answer(bad, sp, s)["hallucination"]

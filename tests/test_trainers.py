@@ -289,7 +289,7 @@ def test_rm_scores_pairs_batched_by_length_in_the_order_given(monkeypatch):
 
     seen = []
 
-    def fake_rewards(model, b):  # reward = the row's number of real tokens (+ 0.5 for the chosen side)
+    def fake_rewards(model, b, pool="last"):  # reward = the row's number of real tokens (+ 0.5 for the chosen side)
         seen.append(b["chosen_input_ids"].shape)
         return b["chosen_attention_mask"].sum(-1).float() + 0.5, b["rejected_attention_mask"].sum(-1).float()
 
@@ -299,3 +299,25 @@ def test_rm_scores_pairs_batched_by_length_in_the_order_given(monkeypatch):
     out = R.score_pairs(torch.nn.Linear(1, 1), pairs, 3, 0, None, "cpu")
     assert out == [(n + 0.5, max(n - 1, 1), bool(i % 2)) for i, n in enumerate(lens)]
     assert [s[1] for s in seen] == [2, 9, 9]  # sorted batches of 1,2,2 | 4,7,9 | 9 tokens (in order: 9,7,9)
+
+
+def test_rm_score_pools_hand_worked_and_the_adapter_remembers_its_pool(tmp_path):
+    """rm.score_pool: ``last`` reads the head at the last real token (right padding), ``mean``
+    averages it over the real tokens; a reward adapter trained one way is refused read the other."""
+    from factrl.trainers import rm as R
+
+    class Head:  # head(name, hidden) = hidden[..., 0], as a scalar head with weight e_0 and no bias
+        def head(self, name, hidden):
+            return hidden[..., 0].float()
+
+    h = torch.tensor([[1.0, 2.0, 6.0, 100.0], [3.0, 5.0, 7.0, 9.0]])[..., None]  # (B=2, T=4, H=1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert R.sequence_scores(Head(), "reward", h, mask, "last").tolist() == [6.0, 9.0]
+    assert R.sequence_scores(Head(), "reward", h, mask, "mean").tolist() == [3.0, 6.0]  # padding (100) unread
+    with pytest.raises(ValueError, match="score_pool"):
+        R.sequence_scores(Head(), "reward", h, mask, "max")
+    R.save_score_pool(tmp_path, "mean")
+    R.check_score_pool(tmp_path, "mean")
+    with pytest.raises(ValueError, match="trained with rm.score_pool=mean"):
+        R.check_score_pool(tmp_path, "last")
+    R.check_score_pool(tmp_path / "elsewhere", "last")  # an adapter without the file: read as configured

@@ -35,14 +35,13 @@ def bases(tmp_path_factory):
     from factrl.model.io import load_llava
     from factrl.model.tiny import build_tiny_checkpoint
     from factrl.trainers.config import TinyModelConfig, load_config
-    from factrl.trainers.data import text_corpus
-    from factrl.trainers.embedded import prepare
+    from factrl.trainers.embedded import prepare, vocabulary_corpus
 
     root = tmp_path_factory.mktemp("two")
     cfg = load_config("tiny", POLICY + [f"run.out_dir={root}", f"data.root={root}/data"])
     prepare(cfg)
-    b = build_tiny_checkpoint(root / "reward_base", TinyModelConfig(**REWARD_TINY), list(text_corpus(root / "data")),
-                              seed=5)
+    b = build_tiny_checkpoint(root / "reward_base", TinyModelConfig(**REWARD_TINY),
+                              vocabulary_corpus(cfg, root / "data"), seed=5)
     a = root / "tiny_base"
     torch.manual_seed(1)
     _random_adapter(load_llava(a, quantize=True), "reward", root / "rm_a", head="reward")
@@ -72,7 +71,7 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two):
     from factrl.model.io import load_adapter, load_llava
     from factrl.trainers import ppo as P
     from factrl.trainers.data import build_rm_input, load_captions, load_ppo_prompts, pad, pad_mask
-    from factrl.trainers.rm import last_token_scores
+    from factrl.trainers.rm import sequence_scores
     from factrl.trainers.run import resolve_device
     from factrl.trainers.setup import load_assets
     from factrl.trainers.stage import Stage
@@ -146,7 +145,7 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two):
         ids, mask = pad(part, tok.pad_token_id), pad_mask(part)
         with torch.no_grad(), judge.adapter("reward"):
             h = judge(ids, mask, image_features=feats[i:i + cfg.ppo.batch_size])
-        want_rm.append(last_token_scores(judge, "reward", h, mask))
+        want_rm.append(sequence_scores(judge, "reward", h, mask, cfg.rm.score_pool))
     assert torch.equal(rm, torch.cat(want_rm))
 
     # one update: gradients reach the policy adapter (policy base), value adapter and head (reward base) only

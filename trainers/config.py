@@ -147,6 +147,9 @@ class RMConfig(TrainLoopConfig):
     fact_augmented: bool = True  # the RM prompt carries the image's captions (False = vanilla RM)
     eval_size: int = 500  # held-out pairs carved from the preference file when no eval file exists (recipe: 500)
     mean_reward_penalty: float = 0.0  # coef x |mean(r_chosen + r_rejected)|: keeps rewards near 0 (recipe: 1e-3)
+    # How the scalar head is read (RM training, PPO and eval alike; written beside the adapter and
+    # checked): last = at the last token (the recipe) | mean = averaged over every real token
+    score_pool: str = "last"
     lr: float = 2e-5
     schedule: str = "constant"
     grad_clip: float = 0.3
@@ -524,6 +527,7 @@ def validate_config(cfg: Config) -> None:
     need("sft.mode", cfg.sft.mode in ("full", "qlora"), "expected full | qlora")
     need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
     need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
+    need("rm.score_pool", cfg.rm.score_pool in ("last", "mean"), "expected last or mean")
     p = cfg.ppo
     # ppo.init_adapter / ppo.reward_base are checked when PPO starts: `factrl plan` takes them as
     # hypothetical paths or architecture names

@@ -727,7 +727,7 @@ def collate_prompts(
 
 # ---- tokenizer corpus -------------------------------------------------------------------------
 
-_NON_TEXT_KEYS = {"id", "image", "from", "spec", "split", "category", "label", "type"}
+_NON_TEXT_KEYS = {"id", "image", "from", "spec", "split", "category", "label", "type", "question_type"}
 
 
 def _strings(obj) -> Iterator[str]:
@@ -744,15 +744,19 @@ def _strings(obj) -> Iterator[str]:
                 yield from _strings(v)
 
 
-def text_corpus(data_root) -> Iterator[str]:
+def text_corpus(data_root, exclude: tuple = ()) -> Iterator[str]:
     """Every text in a dataset folder (questions, answers, outputs, captions, eval questions) plus
     the system prompt, the rendering words and both RM templates - to train the tiny tokenizer on.
-    Files are read in sorted order, so the corpus (and the tokenizer) is deterministic."""
+    Files are read in sorted order, so the corpus (and the tokenizer) is deterministic. ``exclude``:
+    file names (relative to ``data_root``) left out."""
     yield SYSTEM_PROMPT
     yield "USER: ASSISTANT:"
     for fact in (True, False):
         yield rm_prompt.load_template("factrl", fact).replace("{captions}", "")
+    skip = {Path(data_root) / e for e in exclude if e}
     for p in sorted(Path(data_root).rglob("*.json")):
+        if p in skip:
+            continue
         try:
             yield from _strings(_read_json(p))
         except DataError:

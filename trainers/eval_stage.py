@@ -56,7 +56,8 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
     if ROLE not in model.adapter_state.names:
         return {}
     _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
-    triples = score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device)
+    triples = score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
+                          cfg.rm.score_pool)
     res = rm_accuracy(triples)
     types = question_types(cfg, a.data_root)
     if types:  # scored pairs are in load order; pairs dropped as too long are simply absent
@@ -146,6 +147,9 @@ def load_models(cfg: Config, stage: Stage, columns, reward: bool) -> tuple[Asset
         if cfg.ppo.reward_base:
             ra = load_assets(cfg, Path(cfg.ppo.reward_base), quantize=cfg.model.quantize, device=stage.device)
             ra.model.eval()
+        from factrl.trainers.rm import check_score_pool
+
+        check_score_pool(rm_dir, cfg.rm.score_pool)
         load_adapter(ra.model, rm_dir, "reward", trainable=False)
     adapters = {"sft": None} if "sft" in columns else {}
     if "ppo" in columns and layout.policy_adapter.is_dir():

@@ -53,7 +53,7 @@ from factrl.trainers.rl import (
     value_loss,
 )
 from factrl.trainers.rm import ROLE as REWARD
-from factrl.trainers.rm import last_token_scores
+from factrl.trainers.rm import check_score_pool, sequence_scores
 from factrl.trainers.run import autocast
 from factrl.trainers.setup import Assets, load_assets, stage_base, to_device
 from factrl.trainers.stage import Stage, epoch_order, trainable_adapter
@@ -277,7 +277,7 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
         ids, mask = pad(rm_ids, tok.pad_token_id).to(device), pad_mask(rm_ids).to(device)
         with rmodel.adapter(REWARD), autocast(device, cfg.model.dtype):
             h = rmodel(ids, mask, image_features=rb.image_features)
-        scores.append(last_token_scores(rmodel, REWARD, h, mask))
+        scores.append(sequence_scores(rmodel, REWARD, h, mask, cfg.rm.score_pool))
     ro.old_logprobs, ro.ref_logprobs, ro.values = torch.cat(lp), torch.cat(ref), torch.cat(val)
     return torch.cat(scores)
 
@@ -366,6 +366,7 @@ def build_roles(model, cfg: Config, reward_dir, reward_model=None) -> list:
     rmodel = model if reward_model is None else reward_model
     model.requires_grad_(False)
     rmodel.requires_grad_(False)
+    check_score_pool(reward_dir, cfg.rm.score_pool)
     load_adapter(rmodel, reward_dir, REWARD, trainable=False)
     if REWARD not in rmodel.heads:
         raise FileNotFoundError(f"{reward_dir}: no reward head (heads.safetensors or the original's reward_head) "

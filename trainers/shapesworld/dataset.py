@@ -14,7 +14,7 @@ from typing import Optional
 
 from factrl.trainers.config import write_atomic
 
-from .grammar import answer, hallucinate, less_helpful, qtype, question
+from .grammar import answer, hallucinate, less_helpful, qtype, question, question_type
 from .scenes import Scene, random_scene, render
 from .specs import CATEGORIES, make_choice_spec, make_exists_spec, make_spec
 
@@ -154,6 +154,9 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                         "output_2": {"value": o2},
                         "preference": pref,
                         "hallucination": bool(halluc),
+                        # metadata for the per-type RM table; not text (data._NON_TEXT_KEYS): the tiny
+                        # tokenizer, trained on the files' texts, does not change with it
+                        "question_type": question_type(spec, s),
                     }
                 )
 

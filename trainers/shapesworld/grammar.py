@@ -94,6 +94,13 @@ def _relation_holds(a: Obj, b: Obj, rel: str) -> bool:
     return {"left of": a.col < b.col, "right of": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}[rel]
 
 
+# Share of planted lies about a present object that deny it ("There is no X in the image."). Without
+# them "There is no X" was only ever the *chosen* answer of a pair (3071 times, never rejected), so every
+# RM learned it as good and PPO answered it to every colour/size question (attribute hallucination
+# 0.45 -> 1.00, POPE yes-ratio -> 0.01, measured). A denial is a hallucination as much as an invention.
+DENY_SHARE = 1 / 3
+
+
 def _color(spec: dict, scene: Scene) -> str:
     objs = scene.find(shape=spec["shape"])
     return f"The {spec['shape']} is {objs[0].color}." if objs else f"There is no {spec['shape']} in the image."
@@ -102,6 +109,8 @@ def _color(spec: dict, scene: Scene) -> str:
 def _lie_color(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]:
     if not scene.find(shape=spec["shape"]):  # claim a colour for an absent shape
         return f"The {spec['shape']} is {rng.choice(list(COLORS))}.", "absent_object"
+    if rng.random() < DENY_SHARE:
+        return f"There is no {spec['shape']} in the image.", "denied_object"
     wrong = [c for c in COLORS if not scene.find(color=c, shape=spec["shape"])]
     return f"The {spec['shape']} is {rng.choice(wrong)}.", "wrong_attribute"
 
@@ -110,11 +119,15 @@ def _lie_size(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]:
     o, name = _one(scene, (spec["color"], spec["shape"])), _ref(spec["color"], spec["shape"])
     if o is None:
         return f"The {name} is {rng.choice(SIZES)}.", "absent_object"
+    if rng.random() < DENY_SHARE:
+        return f"There is no {name} in the image.", "denied_object"
     return f"The {name} is {'small' if o.size == 'large' else 'large'}.", "wrong_attribute"
 
 
 def _lie_where(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]:
     o, name = _one(scene, (spec["color"], spec["shape"])), _ref(spec["color"], spec["shape"])
+    if o is not None and rng.random() < DENY_SHARE:
+        return f"There is no {name} in the image.", "denied_object"
     cells = [p for p in sorted(POSITION_CELLS) if o is None or p != o.pos]
     return f"The {name} is at the {rng.choice(cells)}.", ("absent_object" if o is None else "wrong_relation")
 
@@ -221,6 +234,27 @@ def qtype(spec: dict) -> QType:
     return QTYPES[spec["type"]]
 
 
+# The question types the RM's accuracy is reported by (issue 16's list): a spec's type, refined by the
+# scene where it matters - a colour/size/position question about an object the scene does not have is
+# "adversarial" (MMHal's absent-object category), about one it has "attribute" / "spatial".
+QUESTION_TYPES = ("attribute", "adversarial", "counting", "spatial", "comparison", "environment", "holistic",
+                  "existence", "choice")
+_BY_SPEC = {"count": "counting", "larger": "comparison", "relation": "spatial", "at": "spatial",
+            "exists": "existence", "background": "environment", "describe": "holistic", "choice": "choice"}
+
+
+def question_type(spec: dict, scene: Scene) -> str:
+    """One of ``QUESTION_TYPES`` for ``spec`` asked about ``scene``."""
+    t = spec["type"]
+    if t in _BY_SPEC:
+        return _BY_SPEC[t]
+    if t not in ("color", "size", "where"):
+        raise ValueError(f"unknown question type {t!r}")
+    if not scene.find(color=spec.get("color"), shape=spec["shape"]):
+        return "adversarial"
+    return "spatial" if t == "where" else "attribute"
+
+
 def question(spec: dict) -> str:
     return qtype(spec).question(spec)
 
@@ -231,7 +265,7 @@ def answer(spec: dict, scene: Scene) -> str:
 
 
 def hallucinate(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """(answer with one planted false fact, kind) — kind in wrong_attribute | absent_object |
+    """(answer with one planted false fact, kind) — kind in wrong_attribute | absent_object | denied_object |
     wrong_count | wrong_relation. Built from the facts directly, never filtered by the evaluator."""
     return qtype(spec).hallucinate(spec, scene, rng)
 
