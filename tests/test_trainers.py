@@ -42,6 +42,10 @@ def losses(out, stage):
     return [r["loss"] for r in read_metrics(out / stage / "metrics.jsonl")]
 
 
+def grad_norms(out, stage="sft"):
+    return [r["grad_norm"] for r in read_metrics(out / stage / "metrics.jsonl")]
+
+
 def test_config_roundtrip_and_unknown_keys(tmp_path):
     from factrl.trainers.config import ConfigError
 
@@ -227,6 +231,12 @@ def test_ddp_two_processes_equal_one_process(shared_data, tmp_path):
     a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(b, a, rtol=2e-4, atol=0)
+    # The losses alone cannot see gradients off by a constant factor: grad clipping (active here)
+    # and Adam are both blind to the scale. The grad norm is not: each process' loss is already its
+    # share of the global mean, so averaging the all-reduced gradients would halve it (measured:
+    # ratio 0.500 before the fix). Step 1's norm is of identical gradients up to fp32 summation order.
+    g1, g2 = (torch.tensor(grad_norms(o), dtype=torch.float64) for o in (one, two))
+    torch.testing.assert_close(g2[0], g1[0], rtol=1e-5, atol=0)
 
 
 def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):

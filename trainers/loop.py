@@ -55,7 +55,8 @@ def supervised_loop(stage: Stage, loop, model: torch.nn.Module, params: list,
         # 3. guarded optimizer step: non-finite loss/grad -> skipped, counted, never applied
         loss_value = all_sum(float(loss_total))
         with log.timer("optimizer"):
-            gnorm = stage.optimizer_step(torch.tensor(loss_value))
+            # summed, not averaged: each process' loss is its share of the global mean already
+            gnorm = stage.optimizer_step(torch.tensor(loss_value), average=False)
         last = {"loss": loss_value, "lr": stage.lr, "grad_norm": gnorm,
                 "skipped": stage.guard.skipped, **{k: all_sum(v) for k, v in sums.items()}}
         # 4. eval, log, checkpoint

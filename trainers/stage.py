@@ -276,10 +276,11 @@ class Stage:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def optimizer_step(self, loss: torch.Tensor, schedule: bool = True) -> Optional[float]:
-        """Gradients averaged over processes, then a guarded step (and a schedule step unless
+    def optimizer_step(self, loss: torch.Tensor, schedule: bool = True, average: bool = True) -> Optional[float]:
+        """Gradients combined over processes (averaged, or summed when ``average`` is False: the
+        loss was normalized by a global count), then a guarded step (and a schedule step unless
         ``schedule`` is False: PPO steps it once per PPO step); the grad norm, or None if skipped."""
-        all_reduce_grads(self.params)
+        all_reduce_grads(self.params, average)
         return self.guard.step(loss, self.params, self.optimizer, self.scheduler if schedule else None,
                                self.loop.grad_clip)
 
