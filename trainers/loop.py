@@ -31,7 +31,7 @@ def supervised_loop(stage: Stage, loop, model: torch.nn.Module, params: list,
                     eval_fn: Optional[Callable[[int], dict]] = None, plot_keys=("loss",)) -> dict:
     """Train ``params`` of ``model``; returns the last logged metrics (plus eval)."""
     steps = total_steps(loop, n_examples, stage.world)
-    stage.train(model, params, loop, steps)
+    stage.train(model, params, loop, steps, loss_fn=loss_fn)
     log, global_batch = stage.log, loop.batch_size * loop.grad_accum * stage.world
     last: dict = {}
     model.train()
@@ -46,9 +46,9 @@ def supervised_loop(stage: Stage, loop, model: torch.nn.Module, params: list,
         sums: dict[str, float] = {}
         for b in micro:
             with log.timer("forward"):
-                loss, metrics = loss_fn(b, norm)
+                loss, metrics = stage.forward(loss_fn, b, norm)
             with log.timer("backward"):
-                loss.backward()
+                stage.backward(loss)
             loss_total = loss_total + loss.detach().float().cpu()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
