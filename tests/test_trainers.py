@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -199,6 +200,7 @@ def _ddp_worker(rank, world, port, shared, out, q):
             dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_ddp_two_processes_equal_one_process(shared_data, tmp_path):
     import torch.multiprocessing as mp
 
@@ -340,12 +342,13 @@ ONE_PROC = ["sft.batch_size=2", "sft.grad_accum=2"]
 TWO_PROC = ["sft.batch_size=1", "sft.grad_accum=2", "run.distributed=deepspeed"]
 
 
-def _zero_worker(rank, world, port, shared, out, extra, kill_after, q):
+def _zero_worker(rank, world, port, shared, out, extra, kill_after, q, stage="sft"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
 
     if kill_after:  # every process dies right after the collective checkpoint of that step
@@ -359,7 +362,10 @@ def _zero_worker(rank, world, port, shared, out, extra, kill_after, q):
 
         Checkpoints.save_engine = save_then_die
     try:
-        train_sft(micro_cfg(shared, out, *ZERO_STEPS, *TWO_PROC, *extra))
+        if stage == "sft":
+            train_sft(micro_cfg(shared, out, *ZERO_STEPS, *TWO_PROC, *extra))
+        else:
+            train_rm(micro_cfg(shared, out, "run.distributed=deepspeed", *extra))
         q.put((rank, "ok"))
     except KeyboardInterrupt:
         q.put((rank, "killed"))
@@ -372,13 +378,13 @@ def _zero_worker(rank, world, port, shared, out, extra, kill_after, q):
             dist.destroy_process_group()
 
 
-def _run_two(shared, out, extra, kill_after=0):
+def _run_two(shared, out, extra, kill_after=0, stage="sft"):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_zero_worker, args=(r, 2, port, str(shared), str(out), list(extra), kill_after, q))
+    procs = [ctx.Process(target=_zero_worker, args=(r, 2, port, str(shared), str(out), list(extra), kill_after, q, stage))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -402,7 +408,7 @@ def one_process_reference(shared_data, tmp_path_factory):
     return losses(out, "sft"), grad_norms(out)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_two_processes_equal_one_process(shared_data, one_process_reference, tmp_path, stage):
     pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'factrl[deepspeed]'")
@@ -428,7 +434,7 @@ def test_zero_two_processes_equal_one_process(shared_data, one_process_reference
     assert ck.name == "step-00000004" and (ck / "engine").is_dir() and (ck / "COMPLETE").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_zero3_resume_after_kill_and_export_loads_in_transformers(shared_data, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'factrl[deepspeed]'")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -461,3 +467,70 @@ def test_zero3_resume_after_kill_and_export_loads_in_transformers(shared_data, t
         got = hf(input_ids=ids).logits
     print(f"ZeRO-3 export: max |logit diff| transformers vs zero_to_fp32 weights {(got - want).abs().max():.3g}")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32 both; only the attention kernels differ
+
+
+def test_deepspeed_is_optional_and_its_absence_is_explained(monkeypatch):
+    """Only trainers/zero.py imports deepspeed, inside functions a stage calls when it selects it;
+    without it installed the error says how to install it."""
+    import pathlib
+    import sys
+
+    from factrl.trainers import zero
+    from factrl.trainers.config import ConfigError
+
+    root = pathlib.Path(__file__).parents[1]
+    importers = sorted(str(p.relative_to(root)) for d in ("kernels", "model", "trainers") for p in (root / d).rglob("*.py")
+                       if re.search(r"^\s*(import|from) deepspeed", p.read_text(), re.M))
+    assert importers == ["trainers/zero.py"]
+    assert not re.search(r"^(import|from) deepspeed", (root / "trainers/zero.py").read_text(), re.M)  # not at top
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'factrl\[deepspeed\]'"):
+        zero.import_deepspeed()
+
+
+def test_deepspeed_config_follows_the_stage_and_refuses_conflicts(tmp_path):
+    from factrl.trainers import zero
+    from factrl.trainers.config import ConfigError
+
+    cfg = load_config("tiny", ["run.distributed=deepspeed", "run.deepspeed.zero_stage=2", "sft.batch_size=3",
+                               "sft.grad_accum=5", "sft.grad_clip=0.5", "run.deepspeed.offload_optimizer=cpu"])
+    c = zero.ds_config(cfg, cfg.sft, world=4, quantized=False)
+    assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (3, 5, 60)
+    assert c["gradient_clipping"] == 0.5 and c["optimizer"]["params"]["torch_adam"] is True
+    assert c["zero_optimization"]["stage"] == 2 and c["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    j = tmp_path / "ds.json"
+    j.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto", "gradient_clipping": 1.0}))
+    cfg = load_config("tiny", [f"run.deepspeed.config={j}", "sft.grad_clip=0.5"])
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        zero.ds_config(cfg, cfg.sft, world=2, quantized=False)
+    j.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}))
+    assert zero.ds_config(cfg, cfg.sft, world=2, quantized=False)["zero_optimization"] == {"stage": 3}
+    with pytest.raises(ConfigError, match="zero_stage=2"):  # an NF4 base cannot be partitioned
+        zero.ds_config(cfg, cfg.sft, world=2, quantized=True)
+    with pytest.raises(ConfigError, match="offload_param"):
+        load_config("tiny", ["run.deepspeed.zero_stage=2", "run.deepspeed.offload_param=cpu"])
+
+
+@pytest.mark.multiprocess
+def test_zero2_rm_two_processes_equal_one_process(shared_data, tmp_path):
+    """The RM (an NF4 base, the reward adapter and head train) on ZeRO-2, as SFT's test."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'factrl[deepspeed]'")
+    from factrl.trainers.rm import train_rm
+
+    rm = lambda out: ["rm.max_steps=3", "rm.eval_every=-1", f"rm.base={out}/tiny_base"]  # noqa: E731
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_rm(micro_cfg(shared_data, one, *rm(one), "rm.batch_size=2", "rm.grad_accum=2"))
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    extra = [*rm(two), "rm.batch_size=1", "rm.grad_accum=2", "run.deepspeed.zero_stage=2"]
+    assert _run_two(shared_data, two, extra, stage="rm") == {0: "ok", 1: "ok"}
+    a, b = (torch.tensor(losses(o, "rm"), dtype=torch.float64) for o in (one, two))
+    ga, gb = (torch.tensor(grad_norms(o, "rm"), dtype=torch.float64) for o in (one, two))
+    print(f"RM ZeRO-2: losses 1 proc {a.tolist()}, 2 procs {b.tolist()}; grad norms {ga.tolist()} / {gb.tolist()}")
+    torch.testing.assert_close(b, a, rtol=2e-4, atol=0)  # tolerances as the SFT tests'
+    torch.testing.assert_close(gb[0], ga[0], rtol=1e-5, atol=0)
+    assert (two / "rm" / "reward_adapter" / "adapter_config.json").is_file()
