@@ -384,8 +384,8 @@ def _run_two(shared, out, extra, kill_after=0, stage="sft"):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_zero_worker, args=(r, 2, port, str(shared), str(out), list(extra), kill_after, q, stage))
-             for r in range(2)]
+    args = (str(shared), str(out), list(extra), kill_after, q, stage)
+    procs = [ctx.Process(target=_zero_worker, args=(r, 2, port, *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -423,13 +423,16 @@ def test_zero_two_processes_equal_one_process(shared_data, one_process_reference
     # batches of 1 row instead of 2: padding changes no real token's sum), later steps by last-bit
     # gradient differences that Adam amplifies. A ZeRO run whose loss DeepSpeed averaged over the
     # processes (no x world) or divided by the accumulation count has half or a quarter the gradient:
-    # its grad norm is off by 2x or 4x at step 1, far outside 1e-5.
+    # its grad norm is off by 2x or 4x at step 1, far outside 1e-5. Measured (2 cores, DeepSpeed
+    # 0.19.8): losses within 9.5e-7 absolute (1.5e-7 relative) of one process over 4 steps, grad
+    # norms within 7.9e-8 relative; the bounds are the DDP test's, whose runs differ by up to 2.2e-5.
+    rel_norm = ((got_norm - ref_norm) / ref_norm).abs().max()
     print(f"ZeRO-{stage}: losses 1 proc {ref_loss.tolist()}, 2 procs {got_loss.tolist()}, max |diff| "
-          f"{(got_loss - ref_loss).abs().max():.3g}; grad norm max rel diff {((got_norm - ref_norm) / ref_norm).abs().max():.3g}")
+          f"{(got_loss - ref_loss).abs().max():.3g}; grad norm max rel diff {rel_norm:.3g}")
     torch.testing.assert_close(got_loss[0], ref_loss[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(got_loss, ref_loss, rtol=2e-4, atol=0)
     torch.testing.assert_close(got_norm[0], ref_norm[0], rtol=1e-5, atol=0)
-    torch.testing.assert_close(got_norm, ref_norm, rtol=2e-3, atol=0)
+    torch.testing.assert_close(got_norm, ref_norm, rtol=2e-4, atol=0)
     ck = Checkpoints(out / "sft" / "checkpoints").latest()
     assert ck.name == "step-00000004" and (ck / "engine").is_dir() and (ck / "COMPLETE").is_file()
 
@@ -479,7 +482,8 @@ def test_deepspeed_is_optional_and_its_absence_is_explained(monkeypatch):
     from factrl.trainers.config import ConfigError
 
     root = pathlib.Path(__file__).parents[1]
-    importers = sorted(str(p.relative_to(root)) for d in ("kernels", "model", "trainers") for p in (root / d).rglob("*.py")
+    files = [p for d in ("kernels", "model", "trainers") for p in (root / d).rglob("*.py")]
+    importers = sorted(str(p.relative_to(root)) for p in files
                        if re.search(r"^\s*(import|from) deepspeed", p.read_text(), re.M))
     assert importers == ["trainers/zero.py"]
     assert not re.search(r"^(import|from) deepspeed", (root / "trainers/zero.py").read_text(), re.M)  # not at top
