@@ -75,8 +75,9 @@ def ds_config(cfg: Config, loop, world: int, quantized: bool) -> dict:
     if d.config:
         base = json.loads(Path(d.config).read_text())
     else:
-        # ZeRO-3 with the 16-bit gather on save, as LLaVA's scripts/zero3.json that the original's
-        # SFT (LLaVA-RLHF, SFT/ scripts) runs with; overlap_comm is a GPU stream overlap.
+        # The original's SFT runs ZeRO-3 in bf16 (LLaVA-RLHF SFT/scripts/13b-v1.5-336/sft.sh:21-22,30:
+        # `deepspeed train/train.py --deepspeed ./scripts/zero3.json ... --bf16 True`; that JSON is not
+        # in the repository we read). overlap_comm overlaps GPU streams: off on CPU.
         zero = {"stage": d.zero_stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available()}
         if d.offload_optimizer != "none":
             zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": torch.cuda.is_available()}
