@@ -566,3 +566,26 @@ def test_zero2_nonfinite_step_is_skipped_and_counted(shared_data, tmp_path):
     assert [r["skipped"] for r in rows] == [0, 1, 1, 1]
     assert rows[1]["grad_norm"] is None and rows[0]["grad_norm"] is not None
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in (rows[2], rows[3]))
+
+
+@pytest.mark.multiprocess
+def test_zero2_qlora_sft_two_processes_equal_one_process(shared_data, tmp_path):
+    """qlora SFT (an NF4 base, the LoRA adapter trains) on ZeRO-2, as the full SFT test."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed: pip install 'factrl[deepspeed]'")
+    from factrl.trainers.sft import train_sft
+
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_sft(micro_cfg(shared_data, one, *ZERO_STEPS, *ONE_PROC, "sft.mode=qlora"))
+    finally:
+        torch.set_num_threads(threads)
+    two = tmp_path / "two"
+    assert _run_two(shared_data, two, ["sft.mode=qlora", "run.deepspeed.zero_stage=2"]) == {0: "ok", 1: "ok"}
+    a, b = (torch.tensor(losses(o, "sft"), dtype=torch.float64) for o in (one, two))
+    ga, gb = (torch.tensor(grad_norms(o), dtype=torch.float64) for o in (one, two))
+    print(f"qlora ZeRO-2: losses 1 proc {a.tolist()}, 2 procs {b.tolist()}, max |diff| {(b - a).abs().max():.3g}")
+    torch.testing.assert_close(b, a, rtol=2e-4, atol=0)  # tolerances as the full SFT test's
+    torch.testing.assert_close(gb[0], ga[0], rtol=1e-5, atol=0)
+    assert (two / "sft" / "adapter" / "adapter_config.json").is_file() and (two / "sft" / "final").is_dir()
