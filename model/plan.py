@@ -175,3 +175,51 @@ def format_plan(name: str, p: dict) -> str:
     lines.append(f"  largest rollout chunk that fits: {p['max_rollout_chunk']} sequences; "
                  f"largest step chunk: {p['max_step_chunk']} sequences")
     return "\n".join(lines)
+
+
+# ---- full SFT on N GPUs with DeepSpeed ZeRO (run.distributed=deepspeed) -------------------------------
+def plan_sft_zero(a: Arch, stage: int, gpus: int, seq: int, micro_batch: int, gpu_gib: float = 80.0,
+                  offload_optimizer: bool = False, fused_logprobs: bool = True) -> dict:
+    """Bytes per GPU of full-parameter SFT (decoder, embeddings, lm_head, projector train; the CLIP
+    tower is frozen) with bf16 weights and ZeRO ``stage`` over ``gpus`` processes. Mixed-precision
+    Adam as in the ZeRO paper: per trained parameter 2 bytes of bf16 weight, 2 of bf16 gradient and
+    12 of optimizer state (fp32 master weight, m, v). ZeRO-2 partitions gradients and optimizer
+    states, ZeRO-3 the weights too (the frozen tower included) and gathers a working set: the
+    lm_head, whole for the fused log-prob loss (an external parameter), and two decoder layers
+    (the one in use and the one prefetched). Activations: one micro-batch with checkpointing."""
+    if stage not in (2, 3) or gpus < 1:
+        raise ValueError(f"stage={stage}, gpus={gpus}: expected ZeRO stage 2 or 3 on >= 1 GPU")
+    c = count_params(a, 0, ())
+    trained = c["decoder_linear"] + c["norms"] + c["embed_tokens"] + c["lm_head"] + c["projector"]
+    frozen = c["vision"]
+    layer = c["decoder_linear"] // a.layers + 2 * a.hidden
+    weights = 2 * (trained + frozen) / (gpus if stage == 3 else 1)
+    optim = 12 * trained / gpus
+    static = {
+        f"bf16 weights ({'1/N' if stage == 3 else 'whole'}, tower included)": weights,
+        "bf16 gradients (1/N)": 2 * trained / gpus,
+        "fp32 master + Adam m, v (1/N)" + (" -> host memory (offload)" if offload_optimizer else ""):
+            0.0 if offload_optimizer else optim,
+    }
+    if stage == 3:
+        static["ZeRO-3 working set: lm_head + 2 decoder layers (bf16, gathered)"] = 2 * (c["lm_head"] + 2 * layer)
+    static["CUDA context + allocator slack"] = 2.5 * GiB
+    act = micro_batch * _act_per_seq(a, seq, fused_logprobs)
+    peak = sum(static.values()) + act
+    return {"stage": stage, "gpus": gpus, "trained_params": trained, "static_bytes": static,
+            "activation_bytes": act, "host_bytes": optim if offload_optimizer else 0.0, "peak_bytes": peak,
+            "gpu_bytes": gpu_gib * GiB, "fits": peak <= gpu_gib * GiB, "seq_len": seq, "micro_batch": micro_batch}
+
+
+def format_sft_zero_plan(name: str, p: dict) -> str:
+    lines = [f"Full SFT of {name} with ZeRO-{p['stage']} on {p['gpus']} GPUs, per GPU "
+             f"({p['trained_params'] / 1e9:.2f} B trained parameters; micro-batch {p['micro_batch']} x "
+             f"{p['seq_len']} tokens, checkpointed)"]
+    for k, v in p["static_bytes"].items():
+        lines.append(f"  {k:<62} {v / GiB:>8.2f} GiB")
+    lines.append(f"  {'activations (one micro-batch)':<62} {p['activation_bytes'] / GiB:>8.2f} GiB")
+    if p["host_bytes"]:
+        lines.append(f"  {'host memory per process (offloaded optimizer)':<62} {p['host_bytes'] / GiB:>8.2f} GiB")
+    lines.append(f"  {'peak':<62} {p['peak_bytes'] / GiB:>8.2f} GiB of {p['gpu_bytes'] / GiB:.0f} GiB -> "
+                 f"{'fits' if p['fits'] else 'DOES NOT FIT'}")
+    return "\n".join(lines)

@@ -328,3 +328,21 @@ def test_tiny_base_gets_a_pretrained_vision_tower(tmp_path):
     assert any(not torch.equal(va[k], vb[k]) for k in va)
     with pytest.raises(ValueError, match="does not tile"):  # 4x4 patches straddle the 3x3 cells
         base("odd", 300, "model.tiny.patch_size=12")
+
+
+def test_plan_sft_zero_partitions_what_each_stage_partitions():
+    from factrl.model.plan import ARCH, Arch, count_params, plan_sft_zero
+
+    a = Arch(**ARCH["llava-v1.5-7b"])
+    c = count_params(a, 0, ())
+    psi = c["decoder_linear"] + c["norms"] + c["embed_tokens"] + c["lm_head"] + c["projector"]
+    p2, p3 = (plan_sft_zero(a, s, 8, 2048, 4) for s in (2, 3))
+    assert p2["trained_params"] == psi
+    w2, g2, o2 = list(p2["static_bytes"].values())[:3]
+    w3, g3, o3, ws3 = list(p3["static_bytes"].values())[:4]
+    assert (w2, g2, o2) == (2 * (psi + c["vision"]), 2 * psi / 8, 12 * psi / 8)  # ZeRO-2: weights whole
+    assert (w3, g3, o3) == (2 * (psi + c["vision"]) / 8, 2 * psi / 8, 12 * psi / 8)  # ZeRO-3: all 1/N
+    assert ws3 > 2 * c["lm_head"] and p3["peak_bytes"] < p2["peak_bytes"]
+    assert not plan_sft_zero(a, 3, 1, 2048, 4)["fits"]  # 16 bytes x 6.8 B parameters: no single 80 GB GPU
+    off = plan_sft_zero(a, 3, 8, 2048, 4, offload_optimizer=True)
+    assert off["host_bytes"] == 12 * psi / 8 and off["peak_bytes"] == p3["peak_bytes"] - 12 * psi / 8

@@ -57,9 +57,10 @@ def file_digest(path: Path) -> str:
 
 
 def write_manifest(d: Path) -> None:
-    """``MANIFEST.json``: size and sha256 of every file of the checkpoint directory ``d``."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(d.iterdir()) if p.is_file() and p.name not in (MANIFEST, "COMPLETE")}
+    """``MANIFEST.json``: size and sha256 of every file under the checkpoint directory ``d`` (by
+    relative path: a DeepSpeed checkpoint keeps its partitions in a subdirectory)."""
+    files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(d.rglob("*")) if p.is_file() and p.relative_to(d).as_posix() not in (MANIFEST, "COMPLETE")}
     (d / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -131,11 +132,66 @@ class Checkpoints:
             err = getattr(e, "errno", None) or (errno.ENOSPC if 0 <= free < (64 << 20) else errno.EIO)
             raise OSError(err, f"writing checkpoint {final} failed: {os.strerror(err)} ({e}; {free / 2**20:.0f} MiB "
                                "free there); the previous checkpoints are intact", str(final)) from e
+        self._prune(final)
+        return final
+
+    def _prune(self, final: Path) -> None:
         if self.keep > 0:
             older = [p for p in self.complete() if p.name < final.name]
             for old in older[:max(0, len(older) - (self.keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def save_engine(self, step: int, engine, client_state: dict, cfg: Config, rank: int) -> Path:
+        """A DeepSpeed checkpoint, written by every process (each its ZeRO partition) into one temp
+        directory named by rank 0 (``.step-N.tmp-<pid>``: ``remove_dead_temps`` knows it), with the
+        engine's files under ``engine/`` and the same config, manifest and ``COMPLETE`` as ``save``;
+        rank 0 renames it into place once every process has written. ``client_state``: step (the
+        data position), guard counters, RNG states (rank 0's, as ``save``)."""
+        import torch.distributed as dist
+
+        final = self.root / f"step-{step:08d}"
+        name = [f".{final.name}.tmp-{os.getpid()}" if rank == 0 else ""]
+        dist.broadcast_object_list(name, src=0)
+        tmp = self.root / name[0]
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        try:
+            engine.save_checkpoint(str(tmp), tag="engine", client_state=client_state, save_latest=False)
+            dist.barrier()  # every partition is on disk
+            if rank == 0:
+                save_config(cfg, tmp / "config.yaml")
+                write_manifest(tmp)
+                (tmp / "COMPLETE").write_text(str(step))
+                old = final.with_name(f".{final.name}.old-{os.getpid()}") if final.exists() else None
+                if old is not None:  # a directory cannot be renamed over (as atomic_dir)
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        dist.barrier()
+        if rank == 0:
+            self._prune(final)
         return final
+
+    @staticmethod
+    def load_engine(path: Path, engine) -> dict:
+        """Load a ``save_engine`` checkpoint into ``engine`` (weights, optimizer, schedule); its client state."""
+        try:
+            loaded, client = engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: DeepSpeed could not load it ({type(e).__name__}: {e}); a ZeRO "
+                                  "checkpoint resumes with the number of processes that wrote it") from e
+        if loaded is None:
+            raise CheckpointError(f"{path}: no DeepSpeed checkpoint under engine/ (written without run.distributed="
+                                  "deepspeed? resume with the distributed mode that wrote it)")
+        return client
 
     def complete(self) -> list[Path]:
         if not self.root.is_dir():

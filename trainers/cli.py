@@ -56,8 +56,8 @@ def _arch(checkpoint: str, name: str):
     return Arch(**ARCH[name]) if name in ARCH else None
 
 
-def _plan(cfg, gpu_gib: float, name: str, arch_name: str = "", reward_base: str = "") -> None:
-    from factrl.model.plan import ARCH, arch_from_model_config, format_plan, plan
+def _plan(cfg, gpu_gib: float, name: str, arch_name: str = "", reward_base: str = "", sft_gpus: int = 0) -> None:
+    from factrl.model.plan import ARCH, arch_from_model_config, format_plan, format_sft_zero_plan, plan, plan_sft_zero
 
     if not (math.isfinite(gpu_gib) and 0 < gpu_gib <= MAX_GPU_GIB):
         raise ConfigError(f"--gpu-gib {gpu_gib}: expected the GPU's memory in GiB, 0 < gpu-gib <= {MAX_GPU_GIB:g}")
@@ -65,6 +65,16 @@ def _plan(cfg, gpu_gib: float, name: str, arch_name: str = "", reward_base: str 
     if arch_name and arch_name not in ARCH:
         raise ConfigError(f"plan: --arch {arch_name!r} is not one of {', '.join(ARCH)}")
     arch = _arch(cfg.model.checkpoint, arch_name or name) or arch_from_model_config(cfg.model)
+    if sft_gpus > 0:  # full SFT with DeepSpeed ZeRO-2 and ZeRO-3 on that many GPUs
+        title, rows = arch_name or name, {}
+        for stage in (2, 3):
+            p = plan_sft_zero(arch, stage, sft_gpus, cfg.data.max_seq_len, cfg.sft.batch_size, gpu_gib,
+                              offload_optimizer=cfg.run.deepspeed.offload_optimizer != "none")
+            print(format_sft_zero_plan(title, p))
+            rows[f"zero{stage}_gib"] = round(p["peak_bytes"] / 2 ** 30, 2)
+            rows[f"zero{stage}_fits"] = p["fits"]
+        print(json.dumps({"preset": name, "sft_gpus": sft_gpus, **rows}))
+        return
     reward_base = reward_base or cfg.ppo.reward_base
     reward_arch = _arch(reward_base, reward_base) if reward_base else None
     if reward_base and reward_arch is None:
@@ -106,6 +116,8 @@ def main(argv=None) -> int:
             p.add_argument("--gpu-gib", type=float, default=80.0)
             p.add_argument("--arch", default="", help="the policy base's architecture by name (model.plan.ARCH), "
                                                       "when neither model.checkpoint nor the preset gives it")
+            p.add_argument("--sft-gpus", type=int, default=0, help="per-GPU memory of full SFT with DeepSpeed "
+                                                                  "ZeRO-2 and ZeRO-3 on this many GPUs")
             p.add_argument("--reward-base", default="", help="two-base mode: a checkpoint directory or an "
                                                              "architecture name (default: ppo.reward_base)")
         if name == "eval":  # = eval.benchmark=NAME (the benchmarks' files are eval.pope/mmhal/chair fields)
@@ -167,7 +179,7 @@ def _run(args) -> int:
         overrides.append(f"eval.benchmark={args.benchmark}")
     cfg = load_config(args.config, overrides)
     if args.cmd == "plan":
-        _plan(cfg, args.gpu_gib, args.config, args.arch, args.reward_base)
+        _plan(cfg, args.gpu_gib, args.config, args.arch, args.reward_base, args.sft_gpus)
         return 0
     import importlib
     from pathlib import Path

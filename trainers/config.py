@@ -313,6 +313,25 @@ class ExperimentConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``run.distributed=deepspeed``: the DeepSpeed engine with ZeRO for SFT (full and qlora) and the
+    RM (trainers/zero.py). The optimizer is factrl's AdamW (``torch_adam``) with the stage's lr,
+    betas, weight decay, clipping and schedule; batch sizes and accumulation are the stage's."""
+
+    # 2: Adam states and gradients partitioned over the processes; 3: the parameters too (full SFT
+    # of 7B/13B; the original's SFT scripts use ZeRO-3). Quantized (NF4) bases: stage 2 only.
+    zero_stage: int = 3
+    offload_optimizer: str = "none"  # none | cpu: Adam states and fp32 master weights in host memory
+    offload_param: str = "none"  # none | cpu: ZeRO-3 only, parameters in host memory between uses
+    # bf16 weights with fp32 master weights in the optimizer: auto = model.dtype=bfloat16 on CUDA
+    # and a dense base (an NF4 base keeps its fp32 absmax: its adapters train under autocast) | true | false
+    bf16: str = "auto"
+    # A DeepSpeed JSON whose sections (zero_optimization, bf16, ...) replace the fields above; the
+    # batch sizes, accumulation, clipping and optimizer stay the stage's ("auto" or equal values accepted).
+    config: str = ""
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "runs/tiny"  # every stage writes under it (trainers.run.RunLayout)
     seed: int = 0  # data order, sampling and initialization
@@ -331,6 +350,10 @@ class RunConfig:
     # an optional extra (pip install 'factrl[wandb]') and runs offline (WANDB_MODE=offline unless set).
     report_to: str = "tensorboard"
     wandb_project: str = "factrl"  # the wandb project a run logs to
+    # Processes under torchrun (or the deepspeed launcher): ddp (factrl's all-reduce of what trains)
+    # | deepspeed (ZeRO, run.deepspeed; SFT and RM, PPO stays on ddp: it trains adapters only).
+    distributed: str = "ddp"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -487,6 +510,16 @@ def validate_config(cfg: Config) -> None:
     if r.resume not in ("", "none", "auto"):
         need("run.resume", (Path(r.resume) / "COMPLETE").is_file(),
              "expected none | auto | a complete checkpoint directory (one with COMPLETE)")
+    need("run.distributed", r.distributed in ("ddp", "deepspeed"), "expected ddp | deepspeed")
+    ds = r.deepspeed
+    need("run.deepspeed.zero_stage", ds.zero_stage in (2, 3), "expected 2 | 3")
+    need("run.deepspeed.offload_optimizer", ds.offload_optimizer in ("none", "cpu"), "expected none | cpu")
+    need("run.deepspeed.offload_param", ds.offload_param in ("none", "cpu"), "expected none | cpu")
+    need("run.deepspeed.offload_param", ds.offload_param == "none" or ds.zero_stage == 3,
+         "parameter offload needs run.deepspeed.zero_stage=3")
+    need("run.deepspeed.bf16", ds.bf16 in ("auto", "true", "false"), "expected auto | true | false")
+    if ds.config:
+        need("run.deepspeed.config", Path(ds.config).is_file(), "no such DeepSpeed JSON file")
     if m.checkpoint:
         need("model.checkpoint", (Path(m.checkpoint) / "config.json").is_file(),
              "no such llava-hf checkpoint directory (no config.json there)")

@@ -31,7 +31,7 @@ def supervised_loop(stage: Stage, loop, model: torch.nn.Module, params: list,
                     eval_fn: Optional[Callable[[int], dict]] = None, plot_keys=("loss",)) -> dict:
     """Train ``params`` of ``model``; returns the last logged metrics (plus eval)."""
     steps = total_steps(loop, n_examples, stage.world)
-    stage.train(model, params, loop, steps)
+    stage.train(model, params, loop, steps, loss_fn=loss_fn)
     log, global_batch = stage.log, loop.batch_size * loop.grad_accum * stage.world
     last: dict = {}
     model.train()
@@ -46,16 +46,17 @@ def supervised_loop(stage: Stage, loop, model: torch.nn.Module, params: list,
         sums: dict[str, float] = {}
         for b in micro:
             with log.timer("forward"):
-                loss, metrics = loss_fn(b, norm)
+                loss, metrics = stage.forward(loss_fn, b, norm)
             with log.timer("backward"):
-                loss.backward()
+                stage.backward(loss)
             loss_total = loss_total + loss.detach().float().cpu()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         # 3. guarded optimizer step: non-finite loss/grad -> skipped, counted, never applied
         loss_value = all_sum(float(loss_total))
         with log.timer("optimizer"):
-            gnorm = stage.optimizer_step(torch.tensor(loss_value))
+            # summed, not averaged: each process' loss is its share of the global mean already
+            gnorm = stage.optimizer_step(torch.tensor(loss_value), average=False)
         last = {"loss": loss_value, "lr": stage.lr, "grad_norm": gnorm,
                 "skipped": stage.guard.skipped, **{k: all_sum(v) for k, v in sums.items()}}
         # 4. eval, log, checkpoint

@@ -186,6 +186,8 @@ def train_rm(cfg: Config) -> dict:
     from factrl.model.io import save_adapter
 
     out = stage.layout.reward_adapter
-    save_adapter(model, ROLE, out, base_path=str(a.base), heads=(ROLE,))
-    save_score_pool(out, cfg.rm.score_pool)
+    if stage.rank == 0:  # one writer; the others wait for it
+        save_adapter(model, ROLE, out, base_path=str(a.base), heads=(ROLE,))
+        save_score_pool(out, cfg.rm.score_pool)
+    stage.barrier()
     return {"stage": "rm", "fact_augmented": fact, "adapter": str(out), **metrics}

@@ -145,15 +145,18 @@ def _multi() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average gradients of the trainable parameters over processes (DDP on what trains)."""
+def all_reduce_grads(params: Iterable[torch.nn.Parameter], average: bool = True) -> None:
+    """Gradients of the trainable parameters combined over processes (DDP on what trains):
+    averaged when each process' loss is a mean over its own rows (PPO), summed when it is already
+    its share of a mean over the global batch (the supervised loop divides by a global count)."""
     if not _multi():
         return
     world = dist.get_world_size()
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
+            if average:
+                p.grad.div_(world)
 
 
 def all_sum(x: float) -> float:

@@ -82,7 +82,11 @@ def train_sft(cfg: Config) -> dict:
     # 6. the SFT checkpoint in llava-hf format (+ the adapter in PEFT format for qlora)
     from factrl.model.io import save_adapter, save_llava_hf
 
-    if mode == "qlora":
-        save_adapter(model, ADAPTER, layout.sft_adapter, base_path=str(base))
-    save_llava_hf(model, layout.sft_final, tok, a.processor, merge_adapter=ADAPTER if mode == "qlora" else None)
+    with stage.whole_weights():  # ZeRO-3: gathered from every process' partition
+        if stage.rank == 0:  # one writer; the others wait for it
+            if mode == "qlora":
+                save_adapter(model, ADAPTER, layout.sft_adapter, base_path=str(base))
+            save_llava_hf(model, layout.sft_final, tok, a.processor,
+                          merge_adapter=ADAPTER if mode == "qlora" else None)
+    stage.barrier()
     return {"stage": "sft", "final": str(layout.sft_final), **metrics}

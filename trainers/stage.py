@@ -75,10 +75,14 @@ def lr_lambda(schedule: str, warmup: int, total: int, decay_ratio: float = 0.2):
     return f
 
 
+def warmup_steps(loop, total_steps: int) -> int:
+    return loop.warmup_steps if loop.warmup_steps > 0 else int(round(loop.warmup_ratio * total_steps))
+
+
 def make_optimizer(params: list, loop, total_steps: int):
     opt = torch.optim.AdamW(params, lr=loop.lr, betas=tuple(loop.betas), weight_decay=loop.weight_decay)
-    warmup = loop.warmup_steps if loop.warmup_steps > 0 else int(round(loop.warmup_ratio * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(loop.schedule, warmup, total_steps, loop.decay_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(loop.schedule, warmup_steps(loop, total_steps), total_steps, loop.decay_ratio))
     return opt, sched
 
 
@@ -109,6 +113,20 @@ class StepGuard:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def engine_step(self, engine, loss: torch.Tensor) -> Optional[float]:
+        """The same counting for a DeepSpeed step: ZeRO skips (and does not schedule) a step whose
+        gradient norm is not finite; a non-finite loss makes one."""
+        if engine.was_step_applied() and bool(torch.isfinite(loss).all()):
+            self.consecutive = 0
+            norm = engine.get_global_grad_norm()
+            return float("nan") if norm is None else float(norm)
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} consecutive steps with non-finite loss or gradients "
+                                 f"(loss={loss.item()}); stopping. Lower the learning rate or check the data.")
+        return None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -201,7 +219,17 @@ class Stage:
         self.out = self.layout.stage(name)
         self.device = resolve_device(cfg.run.device)
         seed_everything(cfg.run.seed)
-        self.rank, self.world = init_distributed()
+        # DeepSpeed ZeRO for the supervised stages; PPO trains adapters only and keeps factrl's DDP
+        self.zero = cfg.run.distributed == "deepspeed" and name in ("sft", "rm")
+        if self.zero:
+            from factrl.trainers import zero
+
+            self.rank, self.world = zero.init_process_group()
+        else:
+            self.rank, self.world = init_distributed()
+        if cfg.run.distributed == "deepspeed" and name == "ppo" and self.rank == 0:
+            print("[factrl] ppo: run.distributed=deepspeed applies to SFT and RM; PPO runs on factrl's DDP")
+        self.engine = None
         self.ckpts = Checkpoints(self.out / "checkpoints")
         self._signal, self._handlers, self.changed = None, {}, {}
         if self.rank == 0:
@@ -256,13 +284,23 @@ class Stage:
                 f.write(json.dumps({"time": time.time(), "checkpoint": str(path), "override": self.changed,
                                     "harmless": harmless}, default=str) + "\n")
 
-    def train(self, model, params: list, loop, steps: int, generators: Optional[dict] = None) -> dict:
+    def train(self, model, params: list, loop, steps: int, generators: Optional[dict] = None,
+              loss_fn=None) -> dict:
         """Set up training of ``params`` for ``steps`` steps (the schedule's length) and resume
         from ``resume_from``. Returns the resumed checkpoint's state ({} for a fresh run) for stage
-        extras such as kl_coef."""
+        extras such as kl_coef. Under DeepSpeed the engine forwards ``loss_fn`` (see ``forward``)."""
         self.model, self.params, self.loop, self.steps = model, params, loop, steps
         self.generators = generators or {}
-        self.optimizer, self.scheduler = make_optimizer(params, loop, steps)
+        if self.zero:
+            from factrl.trainers import zero
+
+            quantized = any(lin.is_quantized for _, lin in model.linears())
+            self.engine = zero.initialize(self.cfg, model, params, loop, self.world, loss_fn,
+                                          lr_lambda(loop.schedule, warmup_steps(loop, steps), steps, loop.decay_ratio),
+                                          quantized)
+            self.optimizer, self.scheduler = self.engine.optimizer, self.engine.lr_scheduler
+        else:
+            self.optimizer, self.scheduler = make_optimizer(params, loop, steps)
         self.guard = StepGuard(loop.max_nonfinite_skips)
         self.ckpts.keep = loop.keep_last
         self.start, state = self._resume()
@@ -276,10 +314,30 @@ class Stage:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def optimizer_step(self, loss: torch.Tensor, schedule: bool = True) -> Optional[float]:
-        """Gradients averaged over processes, then a guarded step (and a schedule step unless
-        ``schedule`` is False: PPO steps it once per PPO step); the grad norm, or None if skipped."""
-        all_reduce_grads(self.params)
+    def forward(self, loss_fn, batch: dict, norm: float):
+        """``loss_fn(batch, norm)``: (loss, metrics); under DeepSpeed through the engine, whose hooks
+        gather ZeRO-3's partitioned weights."""
+        return self.engine(batch, norm) if self.zero else loss_fn(batch, norm)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate this micro-batch's gradients. DeepSpeed reduces them over processes as a mean
+        and steps on the ``grad_accum``-th call (its own accumulation, with the same count); our
+        loss is this process' share of the global mean already, hence x world and no 1/accum."""
+        if not self.zero:
+            loss.backward()
+            return
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()
+
+    def optimizer_step(self, loss: torch.Tensor, schedule: bool = True, average: bool = True) -> Optional[float]:
+        """Gradients combined over processes (averaged, or summed when ``average`` is False: the
+        loss was normalized by a global count), then a guarded step (and a schedule step unless
+        ``schedule`` is False: PPO steps it once per PPO step); the grad norm, or None if skipped.
+        Under DeepSpeed the engine has stepped in ``backward`` (skipping a step whose gradients are
+        not finite, as the guard does); this counts what it skipped."""
+        if self.zero:
+            return self.guard.engine_step(self.engine, loss)
+        all_reduce_grads(self.params, average)
         return self.guard.step(loss, self.params, self.optimizer, self.scheduler if schedule else None,
                                self.loop.grad_clip)
 
@@ -291,8 +349,8 @@ class Stage:
         if self.world > 1:  # every process stops after the same step
             stop = all_sum(float(stop)) > 0
         saved = None
-        if self.rank == 0 and (step % self.loop.save_every == 0 or step == self.steps or stop):
-            saved = self.save(step, **extra)
+        if (self.rank == 0 or self.zero) and (step % self.loop.save_every == 0 or step == self.steps or stop):
+            saved = self.save(step, **extra)  # DeepSpeed: every process writes its partition
         if stop:
             name = self._signal or "a signal"
             self._release_signals()
@@ -304,6 +362,10 @@ class Stage:
         """Everything a resumed run needs: trainable weights, optimizer, schedule, step (= data
         position), guard counters, every RNG state, and stage extras."""
         g = self.guard
+        if self.zero:  # weights, optimizer and schedule by the engine; the rest as its client state
+            client = {"step": step, "skipped": g.skipped, "consecutive": g.consecutive,
+                      "rng": rng_state(self.generators), **extra}
+            return self.ckpts.save_engine(step, self.engine, client, self.cfg, self.rank)
         return self.ckpts.save(step, {"model": trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
                                       "scheduler": self.scheduler.state_dict(), "step": step, "skipped": g.skipped,
                                       "consecutive": g.consecutive, "rng": rng_state(self.generators), **extra},
@@ -318,14 +380,15 @@ class Stage:
                 for f in PER_RUN_FILES:
                     (self.out / f).unlink(missing_ok=True)
             return 0, {}
-        st = Checkpoints.load(path)
+        st = Checkpoints.load_engine(path, self.engine) if self.zero else Checkpoints.load(path)
         if st["step"] > self.steps:
             raise CheckpointError(f"{path} is at step {st['step']}, past this run's {self.steps} steps: resuming "
                                   "would train nothing and write the old weights as this run's output. Set the "
                                   "stage's steps to at least that, or start a fresh run (run.overwrite=true)")
-        load_trainable_state(self.model, st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
+        if not self.zero:  # the engine has loaded its own
+            load_trainable_state(self.model, st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
         if self.changed:  # run.resume_override: the new optimizer values apply from here
             self._apply_optimizer_config()
         self.guard.skipped, self.guard.consecutive = st["skipped"], st["consecutive"]
@@ -342,11 +405,12 @@ class Stage:
         """lr, betas and weight decay of this config (the loaded optimizer state holds the old
         ones); the schedule's shape and length are this config's already (LambdaLR saves no lambdas)."""
         sch, loop = self.scheduler, self.loop
-        sch.base_lrs = [loop.lr for _ in self.optimizer.param_groups]
-        for g, lam in zip(self.optimizer.param_groups, sch.lr_lambdas):
+        groups = sch.optimizer.param_groups  # the torch optimizer (under DeepSpeed, the one ZeRO wraps)
+        sch.base_lrs = [loop.lr for _ in groups]
+        for g, lam in zip(groups, sch.lr_lambdas):
             g["lr"] = loop.lr * lam(sch.last_epoch)
             g["betas"], g["weight_decay"] = tuple(loop.betas), loop.weight_decay
-        sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        sch._last_lr = [g["lr"] for g in groups]
 
     def _catch_signals(self) -> None:
         """SIGINT/SIGTERM set a flag that ``end_step`` acts on (the step in flight completes); a
@@ -371,6 +435,23 @@ class Stage:
         for s, h in self._handlers.items():
             signal.signal(s, h)
         self._handlers = {}
+
+    def whole_weights(self):
+        """A context in which the model's weights are whole on every process (ZeRO-3 gathers
+        them), for writing the stage's output; a no-op otherwise."""
+        import contextlib
+
+        if self.engine is None:
+            return contextlib.nullcontext()
+        from factrl.trainers import zero
+
+        return zero.full_state(self.engine)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def finish(self, plot_keys) -> None:
         self._release_signals()
