@@ -99,12 +99,7 @@ class StepGuard:
         finite = bool(torch.isfinite(loss).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
-            self.skipped += 1
-            self.consecutive += 1
-            if self.consecutive >= self.max_consecutive:
-                raise NonFiniteError(f"{self.consecutive} consecutive steps with non-finite loss or gradients "
-                                     f"(loss={loss.item()}); stopping. Lower the learning rate or check the data.")
-            return None
+            return self._skip(loss)
         self.consecutive = 0
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else \
             torch.sqrt(sum((g.float() ** 2).sum() for g in grads)) if grads else torch.tensor(0.0)
@@ -121,6 +116,10 @@ class StepGuard:
             self.consecutive = 0
             norm = engine.get_global_grad_norm()
             return float("nan") if norm is None else float(norm)
+        return self._skip(loss)
+
+    def _skip(self, loss: torch.Tensor) -> None:
+        """Count a skipped step; stop after ``max_consecutive`` in a row."""
         self.skipped += 1
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
