@@ -142,39 +142,29 @@ class Checkpoints:
                 shutil.rmtree(old, ignore_errors=True)
 
     def save_engine(self, step: int, engine, client_state: dict, cfg: Config, rank: int) -> Path:
-        """A DeepSpeed checkpoint, written by every process (each its ZeRO partition) into one temp
-        directory named by rank 0 (``.step-N.tmp-<pid>``: ``remove_dead_temps`` knows it), with the
-        engine's files under ``engine/`` and the same config, manifest and ``COMPLETE`` as ``save``;
-        rank 0 renames it into place once every process has written. ``client_state``: step (the
-        data position), guard counters, RNG states (rank 0's, as ``save``)."""
+        """A DeepSpeed checkpoint, written by every process (each its ZeRO partition) into the one
+        ``atomic_dir`` rank 0 opens, with the engine's files under ``engine/`` and the same config,
+        manifest and ``COMPLETE`` as ``save``; the rename happens once every process has written.
+        ``client_state``: step (the data position), guard counters, RNG states (rank 0's, as ``save``)."""
         import torch.distributed as dist
 
+        def write(tmp: str) -> None:  # every process; returns when every partition is on disk
+            engine.save_checkpoint(tmp, tag="engine", client_state=client_state, save_latest=False)
+            dist.barrier()
+
         final = self.root / f"step-{step:08d}"
-        name = [f".{final.name}.tmp-{os.getpid()}" if rank == 0 else ""]
-        dist.broadcast_object_list(name, src=0)
-        tmp = self.root / name[0]
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        try:
-            engine.save_checkpoint(str(tmp), tag="engine", client_state=client_state, save_latest=False)
-            dist.barrier()  # every partition is on disk
-            if rank == 0:
+            with atomic_dir(final) as tmp:
+                dist.broadcast_object_list([str(tmp)], src=0)
+                write(str(tmp))
                 save_config(cfg, tmp / "config.yaml")
                 write_manifest(tmp)
                 (tmp / "COMPLETE").write_text(str(step))
-                old = final.with_name(f".{final.name}.old-{os.getpid()}") if final.exists() else None
-                if old is not None:  # a directory cannot be renamed over (as atomic_dir)
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        dist.barrier()
+        else:
+            name = [None]
+            dist.broadcast_object_list(name, src=0)
+            write(name[0])
+        dist.barrier()  # the rename is done: every process may read the checkpoint
         if rank == 0:
             self._prune(final)
         return final
