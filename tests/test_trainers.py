@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import queue
 import re
 import socket
+import time
 
 import pytest
 import torch
@@ -31,12 +33,19 @@ def shared_data(tmp_path_factory):
     return root
 
 
-def micro_cfg(shared, out, *extra):
+def give_base(shared, out):
+    """``out``/tiny_base, copied from the module's. Multi-process tests call it in the parent: two
+    workers copying it at once raced (one got FileExistsError and left the other waiting forever
+    for its rendezvous; stop 27's CI failure)."""
     import shutil
 
     os.makedirs(out, exist_ok=True)
     if not os.path.exists(f"{out}/tiny_base"):
         shutil.copytree(f"{shared}/tiny_base", f"{out}/tiny_base")
+
+
+def micro_cfg(shared, out, *extra):
+    give_base(shared, out)
     return load_config("tiny", MICRO + [f"run.out_dir={out}", f"data.root={shared}/data", *extra])
 
 
@@ -175,6 +184,10 @@ def test_nan_step_is_skipped_and_weights_untouched(shared_data, tmp_path, monkey
         sft.train_sft(micro_cfg(shared_data, tmp_path / "nan2", "sft.max_nonfinite_skips=3"))
 
 
+# Wall-clock bound for one two-process run (both ranks reporting): generous, CI machines are slower
+RUN_TWO_DEADLINE_S = 900
+
+
 def _free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -194,16 +207,33 @@ def _ddp_worker(rank, world, port, shared, out, q):
     try:
         train_sft(micro_cfg(shared, out, "sft.batch_size=2", "sft.grad_accum=1", "sft.max_steps=3"))
         q.put((rank, "ok"))
-    except Exception as e:  # report to the parent instead of hanging it
+    except BaseException as e:  # anything (SystemExit too): report to the parent instead of hanging it
         q.put((rank, repr(e)))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _one_rank_fails_worker(rank, world, port, shared, out, q):
+    if rank == 0:
+        q.put((0, "ValueError('rank 0 broke')"))
+    else:
+        time.sleep(RUN_TWO_DEADLINE_S)  # as a rank waiting for rank 0 in a rendezvous
+
+
+@pytest.mark.multiprocess
+def test_two_process_harness_fails_fast_when_a_rank_fails(shared_data, tmp_path):
+    """Stop 27's CI: rank 0 failed (a race copying the base) and the harness waited 300 s on rank 1,
+    which waited for rank 0 forever, then raised a bare queue.Empty. Now the failure ends the run."""
+    t = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"rank 0 failed.*rank 0 broke"):
+        _spawn_two(_one_rank_fails_worker, shared_data, tmp_path / "x", (), "harness")
+    assert time.monotonic() - t < 120
+    assert (tmp_path / "x" / "tiny_base").is_dir()  # copied by the parent, before the workers start
+
+
 @pytest.mark.multiprocess
 def test_ddp_two_processes_equal_one_process(shared_data, tmp_path):
-    import torch.multiprocessing as mp
 
     from factrl.trainers.sft import train_sft
 
@@ -215,15 +245,7 @@ def test_ddp_two_processes_equal_one_process(shared_data, tmp_path):
     finally:
         torch.set_num_threads(threads)
     two = tmp_path / "two"
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(shared_data), str(two), q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    results = dict(q.get(timeout=5) for _ in procs)
+    results = _spawn_two(_ddp_worker, shared_data, two, (), "ddp sft")
     assert results == {0: "ok", 1: "ok"}, results
     a, b = losses(one, "sft"), losses(two, "sft")
     assert len(a) == len(b) == 3
@@ -343,7 +365,7 @@ ONE_PROC = ["sft.batch_size=2", "sft.grad_accum=2"]
 TWO_PROC = ["sft.batch_size=1", "sft.grad_accum=2", "run.distributed=deepspeed"]
 
 
-def _zero_worker(rank, world, port, shared, out, extra, kill_after, q, stage="sft", poison=()):
+def _zero_worker(rank, world, port, shared, out, q, extra, kill_after, stage="sft", poison=()):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -381,7 +403,7 @@ def _zero_worker(rank, world, port, shared, out, extra, kill_after, q, stage="sf
         q.put((rank, "ok"))
     except KeyboardInterrupt:
         q.put((rank, "killed"))
-    except Exception as e:  # report to the parent instead of hanging it
+    except BaseException as e:  # anything else (SystemExit too): report to the parent instead of hanging it
         import traceback
 
         q.put((rank, repr(e) + traceback.format_exc()[-2000:]))
@@ -391,18 +413,59 @@ def _zero_worker(rank, world, port, shared, out, extra, kill_after, q, stage="sf
 
 
 def _run_two(shared, out, extra, kill_after=0, stage="sft", poison=()):
+    args = (list(extra), kill_after, stage, tuple(poison))
+    return _spawn_two(_zero_worker, shared, out, args, f"{stage} ({' '.join(extra)}, kill_after={kill_after})")
+
+
+def _spawn_two(worker, shared, out, args, what):
+    """``worker(rank, 2, port, shared, out, q, *args)`` in two spawned processes; {rank: outcome}.
+
+    The results are read before joining (a worker whose queued message is unread may not exit). A
+    rank that fails, dies without reporting, or runs past the deadline ends the run at once (the
+    other rank would wait for it in a collective forever), named with what it reported and the
+    exit codes, not as a bare queue.Empty after minutes (stop 27's CI)."""
     import torch.multiprocessing as mp
 
+    give_base(shared, out)  # before the workers start: each would copy it, and they race
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    args = (str(shared), str(out), list(extra), kill_after, q, stage, tuple(poison))
-    procs = [ctx.Process(target=_zero_worker, args=(r, 2, port, *args)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(shared), str(out), q, *args)) for r in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout=300)
-    return dict(q.get(timeout=5) for _ in procs)
+    start, results = time.monotonic(), {}
+
+    def fail(why):
+        codes = {r: p.exitcode for r, p in enumerate(procs)}
+        pytest.fail(f"two-process {what}: {why} after {time.monotonic() - start:.0f} s; "
+                    f"results {results}, exit codes {codes}")
+
+    try:
+        while len(results) < len(procs):
+            try:
+                rank, outcome = q.get(timeout=2)
+                results[rank] = outcome
+                if outcome not in ("ok", "killed"):
+                    fail(f"rank {rank} failed")
+                continue
+            except queue.Empty:
+                pass
+            if any(r not in results and not p.is_alive() for r, p in enumerate(procs)):
+                try:  # its message may still be in the pipe
+                    rank, outcome = q.get(timeout=10)
+                    results[rank] = outcome
+                    continue
+                except queue.Empty:
+                    fail("a worker exited without reporting")
+            if time.monotonic() - start > RUN_TWO_DEADLINE_S:
+                fail(f"no result within the {RUN_TWO_DEADLINE_S} s deadline")
+    finally:
+        for p in procs:
+            p.join(timeout=30 if len(results) == len(procs) else 0)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return results
 
 
 @pytest.fixture(scope="module")
