@@ -115,6 +115,31 @@ def test_ppo_prompts_caption_types_and_correctness(world):
         assert D.is_correct(bad, ct) is False, (ct, bad)
 
 
+def test_ppo_prompts_ask_every_mmhal_category(world):
+    """The defect (session 6): the general PPO prompts asked 5 of the 8 categories, none whose
+    faithful answer is a denial, so PPO even with the checker as its reward learned to stop
+    denying absent objects (held-out hallucination 0.33 -> 0.38). Each category SFT teaches is
+    asked, absent objects included, and they stay out of the tiny tokenizer's corpus."""
+
+    general = Counter(G.question_type(spec, scene) for rec, (scene, spec) in zip(world["ppo"], world["ppo_specs"])
+                      if rec["caption_type"] == 1)
+    assert set(G.QUESTION_TYPES) - {"existence", "choice"} == set(general), general  # those two: types 2-7
+    assert general["adversarial"] >= 0.05 * sum(general.values())
+
+
+def test_ppo_prompts_stay_out_of_the_tiny_tokenizers_corpus(tmp_path):
+    from factrl.trainers.config import load_config
+    from factrl.trainers.embedded import vocabulary_corpus
+
+    SD.write_dataset(tmp_path, 40, seed=3)
+    cfg = load_config("tiny")
+    corpus = vocabulary_corpus(cfg, tmp_path)
+    (tmp_path / "ppo_prompts.json").write_text("[]")
+    assert vocabulary_corpus(cfg, tmp_path) == corpus
+    (tmp_path / "sft.json").write_text("[]")  # the SFT file is read: the test can tell
+    assert vocabulary_corpus(cfg, tmp_path) != corpus
+
+
 def test_train_and_eval_scenes_are_disjoint(world):
     train = [s for s in world["scenes"] if s.split == "train"]
     ev = [s for s in world["scenes"] if s.split == "eval"]

@@ -56,13 +56,14 @@ def _may_generate(root: Path, out_dir: Path) -> bool:
 
 
 def vocabulary_corpus(cfg: Config, root: Path) -> list[str]:
-    """The texts the tiny tokenizer is trained on: the dataset's, without the preference files. The
-    tokenizer is part of the base, made before any RM data exists (as LLaMA's is); with the pairs in,
-    any change to them retrained a different tokenizer and so a different SFT (POPE F1 adversarial
-    0.919 -> 0.519, measured)."""
+    """The texts the tiny tokenizer is trained on: the dataset's, without the RL files (preference
+    pairs, PPO prompts). The tokenizer is part of the base, made before any RL data exists (as
+    LLaMA's is); with the pairs in, any change to them retrained a different tokenizer and so a
+    different SFT (POPE F1 adversarial 0.919 -> 0.519, measured), and the PPO prompts likewise."""
     from factrl.trainers.data import text_corpus
 
-    return list(text_corpus(root, exclude=(cfg.data.preference_file, cfg.data.preference_eval_file)))
+    d = cfg.data
+    return list(text_corpus(root, exclude=(d.preference_file, d.preference_eval_file, d.ppo_prompts_file)))
 
 
 def ensure_tiny_base(cfg: Config) -> Path:
