@@ -362,3 +362,28 @@ def test_ppo_resumes_after_a_kill(sft_rm, tmp_path, monkeypatch):
     # ... and a fresh run into a used directory refuses (main appended a second step 1 to its samples)
     with pytest.raises(RunDirError, match="samples.jsonl"):
         P.train_ppo(_cfg(sft_rm, tmp_path / "straight", *run))
+
+
+def test_checker_reward_replaces_the_rm_score(sft_rm, tmp_path, monkeypatch):
+    """ppo.reward_source=checker (session 6's diagnostic): the reward the PPO step shapes is the
+    world's checker verdict on each response, not the RM's; without the checker it is refused."""
+    from factrl.trainers import ppo as P
+    from factrl.trainers.config import ConfigError
+    from factrl.trainers.pipeline import train_ppo_evaluated
+    from factrl.trainers.shapesworld import scoring
+
+    with pytest.raises(ConfigError, match="reward_source=checker"):
+        P.train_ppo(_cfg(sft_rm, tmp_path / "refused", "ppo.reward_source=checker"))
+    seen = []
+    real = scoring.checker_reward
+
+    def spy(*a, **k):
+        fn = real(*a, **k)
+        return lambda prompts, texts: seen.append(fn(prompts, texts)) or seen[-1]
+
+    monkeypatch.setattr(scoring, "checker_reward", spy)
+    train_ppo_evaluated(_cfg(sft_rm, tmp_path / "checker", "ppo.reward_source=checker", "ppo.total_steps=2",
+                             "ppo.eval_every=0"))
+    assert len(seen) == 2 and all(set(s.tolist()) <= {1.0, -1.0, -0.5} for s in seen)
+    logged = [r for r, _ in _rm_curve(tmp_path / "checker")]
+    assert logged == pytest.approx([float(s.mean()) for s in seen])

@@ -237,3 +237,31 @@ def test_run_eval_on_chosen_sets_and_the_mmhal_answer_length(data_root):
     assert res["mmhal"]["response_words"] == 3.0
     with pytest.raises(ValueError, match="unknown eval sets"):
         R.run_eval(fn, data_root, only=("mmhal", "pope_typo"), progress=False)
+
+
+def test_checker_reward_hand_worked(data_root, tmp_path):
+    """+1 for the faithful answer, -1 for a planted lie, ``vague`` for an answer that claims nothing;
+    a PPO record without its spec is refused naming the file, the record and the field."""
+    from types import SimpleNamespace
+
+    from factrl.trainers.data import DataError
+
+    recs = json.loads((data_root / "ppo_prompts.json").read_text())
+    scenes = SD.load_scenes(data_root / "scenes.json")
+    fn = R.checker_reward(data_root, "ppo_prompts.json", vague=-0.25)
+    rng = random.Random(0)
+    for rec in recs[:30]:
+        scene, spec = scenes[rec["image"]], rec["spec"]
+        lie, _ = G.hallucinate(spec, scene, rng)
+        got = fn([SimpleNamespace(id=rec["id"])] * 3, [G.answer(spec, scene), lie, "."]).tolist()
+        # "." claims nothing: vague, except to a yes/no question, where it reads as "yes" (POPE's rule,
+        # metrics.parse_yes_no: anything without a "no" is a yes)
+        dot = (1.0 if G.answer(spec, scene) == "Yes." else -1.0) if G.qtype(spec).yesno else -0.25
+        assert got == [1.0, -1.0, dot], (spec, lie)
+    bad = tmp_path / "d"
+    bad.mkdir()
+    (bad / "scenes.json").write_text((data_root / "scenes.json").read_text())
+    del recs[3]["spec"]
+    (bad / "ppo_prompts.json").write_text(json.dumps(recs))
+    with pytest.raises(DataError, match=r"ppo_prompts.json.*3.*spec"):
+        R.checker_reward(bad, "ppo_prompts.json", vague=-0.5)

@@ -208,6 +208,11 @@ class PPOConfig(OptimConfig):
     reward_whiten: bool = False  # whiten RM scores over the rollout before shaping
     reward_scale: float = 10.0  # shaped rewards ×this before GAE when reward_whiten is off (the recipe's ×10)
     reward_clip: float = 0.0  # clip RM scores to ±reward_clip (0 = off)
+    # rm | checker: the world's ground-truth checker replaces the RM score (+1 correct, -1
+    # hallucinated, checker_vague otherwise; the embedded world only, through the world-aware
+    # callers: make train, factrl pipeline). A diagnostic: what PPO does with a perfect reward.
+    reward_source: str = "rm"
+    checker_vague: float = -0.5  # checker reward of an answer neither right nor false ("." included)
     # GAE + losses
     gamma: float = 1.0  # discount
     lam: float = 1.0  # GAE lambda
@@ -579,6 +584,7 @@ def validate_config(cfg: Config) -> None:
     need("ppo.kl_target", p.kl_target > 0, "expected > 0")
     need("ppo.kl_estimator", p.kl_estimator in ("k1", "k1_clamp", "k2", "k3"), "expected k1 | k1_clamp | k2 | k3")
     need("ppo.correct_rule", p.correct_rule in ("original", "factrl"), "expected original | factrl")
+    need("ppo.reward_source", p.reward_source in ("rm", "checker"), "expected rm | checker")
     need("ppo.reward_scale", p.reward_scale > 0, "expected > 0")
     need("ppo.gamma", 0 <= p.gamma <= 1, "expected 0 <= gamma <= 1")
     need("ppo.lam", 0 <= p.lam <= 1, "expected 0 <= lam <= 1")

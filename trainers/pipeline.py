@@ -25,11 +25,16 @@ def run_stage(cfg: Config, name: str, fn, label: str = "") -> None:
 
 
 def train_ppo_evaluated(cfg: Config) -> dict:
-    """PPO with ShapesWorld's held-out eval every ``ppo.eval_every`` steps (the world-aware callers')."""
+    """PPO with ShapesWorld's held-out eval every ``ppo.eval_every`` steps (the world-aware callers'),
+    and its checker as the reward with ``ppo.reward_source=checker``."""
     from factrl.trainers.eval_stage import ppo_eval_fn
     from factrl.trainers.ppo import train_ppo
+    from factrl.trainers.shapesworld.scoring import checker_reward
 
-    return train_ppo(cfg, eval_fn=ppo_eval_fn(cfg))
+    p = cfg.ppo
+    reward_fn = (checker_reward(cfg.data.root, cfg.data.ppo_prompts_file, p.checker_vague)
+                 if p.reward_source == "checker" else None)
+    return train_ppo(cfg, eval_fn=ppo_eval_fn(cfg), reward_fn=reward_fn)
 
 
 def run_pipeline(cfg: Config) -> dict:

@@ -34,7 +34,7 @@ import torch
 from factrl.kernels.gae import gae, masked_mean, masked_whiten
 from factrl.kernels.logprobs import token_logprobs
 from factrl.trainers import rm_prompt
-from factrl.trainers.config import Config
+from factrl.trainers.config import Config, ConfigError
 from factrl.trainers.data import (
     build_rm_input,
     collate_prompts,
@@ -405,10 +405,17 @@ def load_reward_base(cfg: Config, policy_tok, device) -> RewardBase:
     return RewardBase(a.model, a.images, a.num_image_tokens, a.base)
 
 
-def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
+RewardFn = Callable[[list, list[str]], torch.Tensor]  # (prompts, responses) -> [B] scores
+
+
+def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None, reward_fn: Optional[RewardFn] = None) -> dict:
     """PPO from the SFT base and the RM's reward adapter. ``eval_fn(assets, step) -> {name: float}``
-    (optional, see ``held_out_eval``) scores the policy every ``ppo.eval_every`` steps."""
+    (optional, see ``held_out_eval``) scores the policy every ``ppo.eval_every`` steps;
+    ``reward_fn`` (``ppo.reward_source=checker``: a world's ground-truth checker) replaces the RM score."""
     p = cfg.ppo
+    if (p.reward_source == "checker") != (reward_fn is not None):
+        raise ConfigError(f"ppo.reward_source={p.reward_source} with{'out' if reward_fn is None else ''} a reward_fn: "
+                          "the checker reward is the embedded world's, supplied by factrl pipeline (make train)")
     stage = Stage(cfg, "ppo")
     device, layout, out = stage.device, stage.layout, stage.out
 
@@ -464,6 +471,8 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None) -> dict:
         # 2. score: old/ref log-probs, values, RM score
         with log.timer("scoring"):
             rm_score = score(model, tok, ro, batch, cfg, device, reward)
+            if reward_fn is not None:  # the checker's verdict replaces the RM's (score still fills values)
+                rm_score = reward_fn(batch, texts).to(rm_score)
         # 3. shape rewards
         correct = correctness(texts, ro.caption_type.tolist(), p.correct_rule).to(device)
         if p.reward_whiten:

@@ -174,7 +174,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
             # whose faithful answer is a denial: with the checker as its reward (+1 right, -1 false,
             # 0 otherwise) 20 PPO steps of the preset took held-out adversarial hallucination 0.61 ->
             # 0.89 with the old five categories; with all of them 0.61 -> 0.05, though by answering
-            # "." (0 beat a guess), not by seeing the objects (session 6).
+            # "." (0 beat a guess), not by seeing the objects (session 6; ppo.checker_vague since).
             spec = make_spec(r.choice(CATEGORIES), s, r)
             while qtype(spec).yesno:
                 spec = make_spec("holistic", s, r)
@@ -200,6 +200,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                 "id": f"{s.id}-ppo",
                 "image": s.image,
                 "conversations": [{"from": "human", "value": _human(question(spec), True)}],
+                "spec": spec,  # the question, for the checker reward (ppo.reward_source); not text
                 "caption_type": ctype,
                 "length_bonus": lb,
             }

@@ -39,6 +39,39 @@ def blind_answers(sft_records: Iterable[dict]) -> Callable[[list[dict]], list[st
     return lambda items: [best.get(it["question"].strip(), "") for it in items]
 
 
+def checker_reward(data_root, ppo_prompts_file: str, vague: float) -> Callable:
+    """``ppo.reward_source=checker``: train_ppo's ``reward_fn(prompts, responses) -> [B]``, each response
+    scored against its scene's facts (``grammar.check_answer``): +1 correct, -1 hallucinated,
+    ``vague`` otherwise. Every PPO record must carry its question's ``spec`` (ShapesWorld writes it);
+    checked here, before PPO starts."""
+    import torch
+
+    from factrl.trainers.data import DataError
+
+    root = Path(data_root)
+    if not (root / "scenes.json").is_file():
+        raise DataError(root / "scenes.json", msg="not found: ppo.reward_source=checker scores against "
+                        "ShapesWorld's facts (the embedded world's data)")
+    scenes = load_scenes(root / "scenes.json")
+    path = root / ppo_prompts_file
+    specs = {}
+    for i, rec in enumerate(json.loads(path.read_text())):
+        if not isinstance(rec.get("spec"), dict):
+            raise DataError(path, i, "spec", "missing: ppo.reward_source=checker needs each prompt's question spec")
+        if rec.get("image") not in scenes:
+            raise DataError(path, i, "image", f"{rec.get('image')!r} is not a scene of scenes.json")
+        specs[str(rec.get("id", i))] = (scenes[rec["image"]], rec["spec"])
+
+    def reward_fn(prompts: list, responses: list[str]) -> torch.Tensor:
+        out = []
+        for p, text in zip(prompts, responses):
+            c = check_answer(text, specs[p.id][1], specs[p.id][0])
+            out.append(1.0 if c["correct"] else -1.0 if c["hallucination"] else vague)
+        return torch.tensor(out)
+
+    return reward_fn
+
+
 _PASS_KEYS = ("id", "image", "question", "category", "spec")  # what generate_fn sees (no answers)
 
 
