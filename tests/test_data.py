@@ -743,3 +743,21 @@ def test_system_prompt_is_configurable_and_can_be_empty(tok, root):
     assert D.render_query(tok, "Hi?", NIT, False) == [tok.bos_token_id] + enc(tok, f"{SYS} USER: Hi? ASSISTANT:")
     assert load_config("tiny").data.system_prompt == "" and load_config("llava-v1.5-7b").data.system_prompt == SYS
     assert SYS.startswith("A chat between a curious human and an artificial intelligence assistant.")
+
+
+def test_select_question_types(tmp_path):
+    """rm.question_types / ppo.question_types: examples kept by their record's question_type;
+    all when none are named; a record without the field, or a selection keeping nothing, refused."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"id": "a", "question_type": "holistic"}, {"id": "b", "question_type": "counting"},
+                                {"id": "c", "question_type": "holistic"}]))
+    ex = [SimpleNamespace(id=i) for i in "abc"]
+    assert D.select_question_types(ex, path, [], "rm.question_types") is ex
+    assert [e.id for e in D.select_question_types(ex, path, ["holistic"], "rm.question_types")] == ["a", "c"]
+    with pytest.raises(D.DataError, match=r"keeps none.*counting, holistic"):
+        D.select_question_types(ex, path, ["spatial"], "ppo.question_types")
+    path.write_text(json.dumps([{"id": "a", "question_type": "holistic"}, {"id": "b"}]))
+    with pytest.raises(D.DataError, match=r"record b: field 'question_type': missing: rm.question_types"):
+        D.select_question_types(ex[:2], path, ["holistic"], "rm.question_types")

@@ -125,6 +125,9 @@ def test_ppo_prompts_ask_every_mmhal_category(world):
                       if rec["caption_type"] == 1)
     assert set(G.QUESTION_TYPES) - {"existence", "choice"} == set(general), general  # those two: types 2-7
     assert general["adversarial"] >= 0.05 * sum(general.values())
+    # each record names its question (spec) and type: metadata for ppo.reward_source / ppo.question_types
+    assert all(rec["spec"] == spec and rec["question_type"] == G.question_type(spec, scene)
+               for rec, (scene, spec) in zip(world["ppo"], world["ppo_specs"]))
 
 
 def test_ppo_prompts_stay_out_of_the_tiny_tokenizers_corpus(tmp_path):
@@ -138,6 +141,26 @@ def test_ppo_prompts_stay_out_of_the_tiny_tokenizers_corpus(tmp_path):
     assert vocabulary_corpus(cfg, tmp_path) == corpus
     (tmp_path / "sft.json").write_text("[]")  # the SFT file is read: the test can tell
     assert vocabulary_corpus(cfg, tmp_path) != corpus
+
+
+def test_shapes_habit_invents_one_object_in_that_share_of_descriptions_and_changes_nothing_else():
+    """data.shapes_habit: the SFT data's hallucination habit (LLaVA's GPT-written data names objects
+    that are not there). Each habit description names exactly one (colour, shape) the scene lacks and
+    keeps the scene's object count; no other record of the world changes."""
+    plain, habit = SD.build(200, seed=4), SD.build(200, seed=4, habit=0.5)
+    assert SD.build(200, seed=4, habit=0.0)["sft"] == plain["sft"]
+    changed = [(a, b) for a, b in zip(plain["sft"], habit["sft"]) if a != b]
+    assert all(a["id"].endswith("-desc") for a, _ in changed)
+    assert 0.35 < len(changed) / 200 < 0.65 and len(changed) == len(habit["habit"])
+    for scene, text in habit["habit"]:
+        named = G.mentioned_objects(text)
+        absent = [o for o in named if not scene.find(color=o[0], shape=o[1])]
+        assert len(absent) == 1 and len(named) == len(scene.objects) + 1, text
+        assert text.startswith(f"A {scene.background} background with {len(scene.objects)} ")
+        spec = {"type": "describe", "variant": 0}
+        assert G.check_answer(text, spec, scene)["hallucination"]
+    for key in ("preference", "preference_eval", "ppo", "eval", "captions"):
+        assert habit[key] == plain[key], key
 
 
 def test_train_and_eval_scenes_are_disjoint(world):

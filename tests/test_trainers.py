@@ -289,6 +289,19 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):
         rows = read_metrics(o / "rm" / "metrics.jsonl")
         assert [r["step"] for r in rows] == [1, 2] and not any("eval/acc" in r for r in rows)
         assert ("eval/acc" in res_e) is want
+    # rm.question_types: trained on those pairs only (each batch drawn from them), held-out all types
+    seen = []
+    import factrl.trainers.rm as R
+
+    real = R.collate_preferences
+    R.collate_preferences = lambda ex, *a: seen.extend(e.id for e in ex) or real(ex, *a)
+    try:
+        train_rm(micro_cfg(shared_data, tmp_path / "holistic", "rm.max_steps=2", "rm.question_types=[holistic]",
+                           f"rm.base={out}/sft/final", "rm.eval_every=-1"))
+    finally:
+        R.collate_preferences = real
+    types = {r["id"]: r["question_type"] for r in json.loads((shared_data / "data" / "preference.json").read_text())}
+    assert seen and {types[i] for i in seen} == {"holistic"}
 
 
 def test_sft_qlora_writes_peft_adapter_and_merged_checkpoint(shared_data, tmp_path):

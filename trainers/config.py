@@ -102,6 +102,10 @@ class DataConfig:
     shapes_n: int = 2000  # ShapesWorld scenes generated for the tiny preset
     shapes_seed: int = 0  # ShapesWorld generator seed
     shapes_image_size: int = 48  # ShapesWorld image side in pixels
+    # Share of ShapesWorld's SFT descriptions that name one extra object the scene does not have,
+    # as LLaVA's GPT-written instruction data names plausible objects that are not in the image:
+    # the hallucination habit Fact-RLHF is meant to remove (0 = faithful SFT data)
+    shapes_habit: float = 0.0
 
 
 @dataclass
@@ -146,6 +150,9 @@ class RMConfig(TrainLoopConfig):
     base: str = ""
     fact_augmented: bool = True  # the RM prompt carries the image's captions (False = vanilla RM)
     eval_size: int = 500  # held-out pairs carved from the preference file when no eval file exists (recipe: 500)
+    # train only on the pairs whose record's question_type is one of these (empty: all); the
+    # held-out pairs stay all, so the per-type accuracy table still covers every type
+    question_types: list = field(default_factory=list)
     mean_reward_penalty: float = 0.0  # coef x |mean(r_chosen + r_rejected)|: keeps rewards near 0 (recipe: 1e-3)
     # How the scalar head is read (RM training, PPO and eval alike; written beside the adapter and
     # checked): last = at the last token (the recipe) | mean = averaged over every real token
@@ -212,6 +219,7 @@ class PPOConfig(OptimConfig):
     # hallucinated, checker_vague otherwise; the embedded world only, through the world-aware
     # callers: make train, factrl pipeline). A diagnostic: what PPO does with a perfect reward.
     reward_source: str = "rm"
+    question_types: list = field(default_factory=list)  # only the prompts of these question_types (empty: all)
     checker_vague: float = -0.5  # checker reward of an answer neither right nor false ("." included)
     # GAE + losses
     gamma: float = 1.0  # discount
@@ -550,6 +558,7 @@ def validate_config(cfg: Config) -> None:
         need("model.tiny.image_size", t.image_size % t.patch_size == 0, "expected a multiple of patch_size")
     for k in ("image_folder", "sft_file", "preference_file", "captions_file", "ppo_prompts_file", "eval_dir"):
         need(f"data.{k}", getattr(d, k).strip() != "", "expected a file or folder name")
+    need("data.shapes_habit", 0 <= cfg.data.shapes_habit <= 1, "expected 0 <= shapes_habit <= 1")
     for k in ("max_seq_len", "max_prompt_len", "shapes_n", "shapes_image_size"):
         need(f"data.{k}", getattr(d, k) > 0, "expected > 0")
     need("data.image_aspect", d.image_aspect in ("pad", "resize", "crop"), "expected pad | resize | crop")

@@ -562,6 +562,32 @@ def load_ppo_prompts(
     return _load(path, skip_bad, one)
 
 
+# ---- question types ---------------------------------------------------------------------------
+def record_question_types(path) -> dict[str, str]:
+    """{record id: question_type} of a preference or PPO file (records without the field left out)."""
+    records = _read_json(Path(path))
+    return {_record_id(r, path, i): str(r["question_type"]) for i, r in enumerate(records)
+            if isinstance(r, dict) and r.get("question_type") is not None}
+
+
+def select_question_types(examples: list, path, types: list, key: str) -> list:
+    """The ``examples`` (loaded from ``path``) whose record's ``question_type`` is in ``types``; all of
+    them when ``types`` is empty. ``key`` (the config key) is named in the errors: a record without
+    the field, or a selection that keeps nothing."""
+    if not types:
+        return examples
+    qt = record_question_types(path)
+    for i, e in enumerate(examples):
+        if e.id not in qt:
+            raise DataError(path, e.id, "question_type", f"missing: {key}={list(types)} selects by it")
+    kept = [e for e in examples if qt[e.id] in types]
+    if not kept:
+        raise DataError(path, msg=f"{key}={list(types)} keeps none of its {len(examples)} records "
+                        f"(their question types: {', '.join(sorted(set(qt.values())))})")
+    print(f"[factrl] {key}={list(types)}: {len(kept)} of {len(examples)} records of {Path(path).name}")
+    return kept
+
+
 # ---- correctness bonus ------------------------------------------------------------------------
 
 

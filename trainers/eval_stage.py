@@ -19,7 +19,7 @@ import torch
 
 from factrl.trainers import benchmarks as bench
 from factrl.trainers.config import Config, ConfigError
-from factrl.trainers.data import SYSTEM_PROMPT, _record_id, image_loader, pad, pad_mask, render_query
+from factrl.trainers.data import SYSTEM_PROMPT, image_loader, pad, pad_mask, record_question_types, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
 from factrl.trainers.setup import Assets, load_assets
@@ -68,11 +68,7 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
 def question_types(cfg: Config, root: Path) -> dict[str, str]:
     """{record id: question_type} of the file the held-out pairs come from (as ``rm.load_pairs``)."""
     name = cfg.data.preference_eval_file
-    path = root / (name if name and (root / name).is_file() else cfg.data.preference_file)
-    with open(path) as f:
-        records = json.load(f)
-    return {_record_id(r, path, i): str(r["question_type"]) for i, r in enumerate(records)
-            if isinstance(r, dict) and r.get("question_type") is not None}
+    return record_question_types(root / (name if name and (root / name).is_file() else cfg.data.preference_file))
 
 
 COLUMNS = ("sft", "ppo", "blind")

@@ -42,6 +42,7 @@ from factrl.trainers.data import (
     load_ppo_prompts,
     pad,
     pad_mask,
+    select_question_types,
 )
 from factrl.trainers.rl import (
     AdaptiveKL,
@@ -434,6 +435,8 @@ def train_ppo(cfg: Config, eval_fn: Optional[EvalFn] = None, reward_fn: Optional
                                cfg.data.max_prompt_len, captions, skip_bad=cfg.data.skip_bad_records,
                                image_folder=str(a.data_root / cfg.data.image_folder), system=cfg.data.system_prompt)
     st = prompts.stats
+    prompts = select_question_types(prompts, a.data_root / cfg.data.ppo_prompts_file, p.question_types,
+                                    "ppo.question_types")
     print(f"[factrl] ppo: {st.n_loaded} prompts ({st.n_too_long} longer than max_prompt_len={cfg.data.max_prompt_len}"
           f" dropped, {st.n_skipped} bad skipped)")
     per_epoch = len(prompts) // p.rollout_batch_size

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from factrl.trainers.config import Config
-from factrl.trainers.data import collate_preferences, load_captions, load_preferences
+from factrl.trainers.data import collate_preferences, load_captions, load_preferences, select_question_types
 from factrl.trainers.loop import supervised_loop
 from factrl.trainers.metrics import rm_accuracy
 from factrl.trainers.run import autocast
@@ -156,6 +156,9 @@ def train_rm(cfg: Config) -> dict:
     fact = cfg.rm.fact_augmented
     scored = cfg.rm.eval_every >= 0  # -1: never scored here, so the held-out file is not even read
     train, held = load_pairs(cfg, a, fact, with_held=scored)
+    # only these question types trained on (rm.question_types); the held-out pairs stay all of them
+    train = select_question_types(train, a.data_root / cfg.data.preference_file, cfg.rm.question_types,
+                                  "rm.question_types")
     print(f"[factrl] rm ({'fact-augmented' if fact else 'vanilla'}): {len(train)} train pairs, "
           + (f"{len(held)} held-out" if scored else "no held-out scoring (rm.eval_every=-1)"))
 

@@ -15,7 +15,7 @@ from typing import Optional
 from factrl.trainers.config import write_atomic
 
 from .grammar import answer, hallucinate, less_helpful, qtype, question, question_type
-from .scenes import Scene, random_scene, render
+from .scenes import POSITIONS, SIZES, Obj, Scene, random_scene, render
 from .specs import CATEGORIES, make_choice_spec, make_exists_spec, make_spec
 
 EVAL_SETS = ["pope_random", "pope_popular", "pope_adversarial", "mmhal", "chair"]
@@ -43,14 +43,16 @@ def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
     return conv
 
 
-def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
+def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0) -> dict:
     """All records in memory, each generated item also carrying its ``spec`` (for tests/eval).
 
     Returns {"scenes": [Scene], "sft": [...], "preference": [...], "preference_eval": [...],
     "captions": {...}, "ppo": [...], "eval": {name: [items]}, and for checking: "items" (every
     faithful answer written, as (scene, spec, answer)), "planted" ((scene, spec, answer, kind) of
     every planted hallucination), "unhelpful" ((scene, spec, answer): faithful but less helpful
-    outputs), "ppo_specs" ((scene, spec) per PPO prompt)}.
+    outputs), "ppo_specs" ((scene, spec) per PPO prompt), "habit" ((scene, description) of every
+    SFT description given an invented object)}. ``habit``: the share of SFT descriptions that name
+    one extra object the scene does not have (``data.shapes_habit``); no other record changes with it.
     """
     n_eval = max(10, n // 5) if n_eval is None else n_eval
     rng = random.Random(seed)
@@ -81,6 +83,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
         "planted": [],
         "unhelpful": [],
         "ppo_specs": [],
+        "habit": [],
     }
     choice = {s.image: make_choice_spec(s, random.Random(f"{seed}-choice-{s.id}")) for s in scenes}
     for s in scenes:
@@ -109,13 +112,12 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
         r.shuffle(specs)
         pairs = [item(s, sp) for sp in specs]
         out["sft"].append({"id": f"{s.id}-qa", "image": s.image, "conversations": _conversation(pairs)})
-        out["sft"].append(
-            {
-                "id": f"{s.id}-desc",
-                "image": s.image,
-                "conversations": _conversation([item(s, make_spec("holistic", s, r))]),
-            }
-        )
+        q, a = item(s, make_spec("holistic", s, r))
+        h = random.Random(f"{seed}-habit-{s.id}")  # its own stream: habit=0 leaves every record as it was
+        if habit > 0 and h.random() < habit:
+            a = invented_description(s, h)
+            out["habit"].append((s, a))
+        out["sft"].append({"id": f"{s.id}-desc", "image": s.image, "conversations": _conversation([(q, a)])})
         if k % 25 == 0:
             q, a = SYSTEM_FREE_FACTS[(k // 25) % len(SYSTEM_FREE_FACTS)]
             out["sft"].append(
@@ -170,11 +172,12 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
         if u < 0.35:
             # Every MMHal category SFT teaches, as the recipe's PPO prompts are "our RL split of the
             # LLaVA data" (its SFT questions) + A-OKVQA + VQA-v2 yes/no (RLHF/README.md, PPO data
-            # llava_ppo50k-aokvqa12k-vqa10k.json). Without the absent-object ("adversarial") ones PPO never sees a question
-            # whose faithful answer is a denial: with the checker as its reward (+1 right, -1 false,
-            # 0 otherwise) 20 PPO steps of the preset took held-out adversarial hallucination 0.61 ->
-            # 0.89 with the old five categories; with all of them 0.61 -> 0.05, though by answering
-            # "." (0 beat a guess), not by seeing the objects (session 6; ppo.checker_vague since).
+            # llava_ppo50k-aokvqa12k-vqa10k.json). Without the absent-object ("adversarial") ones
+            # PPO never sees a question whose faithful answer is a denial: with the checker as its
+            # reward (+1 right, -1 false, 0 otherwise) 20 PPO steps of the preset took held-out
+            # adversarial hallucination 0.61 -> 0.89 with the old five categories; with all of
+            # them 0.61 -> 0.05, though by answering "." (0 beat a guess), not by seeing the
+            # objects (session 6; hence ppo.checker_vague).
             spec = make_spec(r.choice(CATEGORIES), s, r)
             while qtype(spec).yesno:
                 spec = make_spec("holistic", s, r)
@@ -201,6 +204,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
                 "image": s.image,
                 "conversations": [{"from": "human", "value": _human(question(spec), True)}],
                 "spec": spec,  # the question, for the checker reward (ppo.reward_source); not text
+                "question_type": question_type(spec, s),  # for ppo.question_types; not text
                 "caption_type": ctype,
                 "length_bonus": lb,
             }
@@ -208,6 +212,18 @@ def build(n: int, seed: int, n_eval: Optional[int] = None) -> dict:
 
     out["eval"] = _eval_sets(train, evals, seed)
     return out
+
+
+def invented_description(s: Scene, rng: random.Random) -> str:
+    """The scene's description with one more object, of a colour and shape it does not have, in a
+    free cell (the object count stays the scene's: the lie is the detail, as LLaVA's data does)."""
+    objs = list(s.objects)
+    free = [p for p in sorted(POSITIONS) if not s.find(pos=POSITIONS[p])] or sorted(POSITIONS)
+    color, shape = rng.choice(s.absent())
+    row, col = rng.choice(free)
+    objs.append(Obj(shape, color, rng.choice(SIZES), row, col))
+    objs.sort(key=lambda o: (o.row, o.col))  # reading order, as a faithful description
+    return s.describe(objs, len(s.objects))
 
 
 def _eval_item(s: Scene, spec: dict, idx: str, **extra) -> dict:
@@ -278,7 +294,8 @@ def _dump(path: Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Optional[int] = None) -> dict:
+def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Optional[int] = None,
+                  habit: float = 0.0) -> dict:
     """Write a ShapesWorld dataset (LLaVA-RLHF formats) into ``out_dir``; returns counts/paths.
 
     Files: sft.json, preference.json, preference_eval.json, image_to_caption.json, ppo_prompts.json,
@@ -288,7 +305,7 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    data = build(n, seed, n_eval)
+    data = build(n, seed, n_eval, habit)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     for s in data["scenes"]:
