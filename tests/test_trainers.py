@@ -234,7 +234,6 @@ def test_two_process_harness_fails_fast_when_a_rank_fails(shared_data, tmp_path)
 
 @pytest.mark.multiprocess
 def test_ddp_two_processes_equal_one_process(shared_data, tmp_path):
-
     from factrl.trainers.sft import train_sft
 
     one = tmp_path / "one"

@@ -577,7 +577,7 @@ def select_question_types(examples: list, path, types: list, key: str) -> list:
     if not types:
         return examples
     qt = record_question_types(path)
-    for i, e in enumerate(examples):
+    for e in examples:
         if e.id not in qt:
             raise DataError(path, e.id, "question_type", f"missing: {key}={list(types)} selects by it")
     kept = [e for e in examples if qt[e.id] in types]

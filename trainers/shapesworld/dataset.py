@@ -14,8 +14,8 @@ from typing import Optional
 
 from factrl.trainers.config import write_atomic
 
-from .grammar import answer, hallucinate, less_helpful, qtype, question, question_type
-from .scenes import POSITIONS, SIZES, Obj, Scene, random_scene, render
+from .grammar import answer, hallucinate, less_helpful, qtype, question, question_type, with_absent_object
+from .scenes import Scene, random_scene, render
 from .specs import CATEGORIES, make_choice_spec, make_exists_spec, make_spec
 
 EVAL_SETS = ["pope_random", "pope_popular", "pope_adversarial", "mmhal", "chair"]
@@ -115,7 +115,8 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0) -
         q, a = item(s, make_spec("holistic", s, r))
         h = random.Random(f"{seed}-habit-{s.id}")  # its own stream: habit=0 leaves every record as it was
         if habit > 0 and h.random() < habit:
-            a = invented_description(s, h)
+            # one invented object; the count stays the scene's: the lie is the detail, as in LLaVA's data
+            a = s.describe(with_absent_object(s, s.objects, h), len(s.objects))
             out["habit"].append((s, a))
         out["sft"].append({"id": f"{s.id}-desc", "image": s.image, "conversations": _conversation([(q, a)])})
         if k % 25 == 0:
@@ -212,18 +213,6 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0) -
 
     out["eval"] = _eval_sets(train, evals, seed)
     return out
-
-
-def invented_description(s: Scene, rng: random.Random) -> str:
-    """The scene's description with one more object, of a colour and shape it does not have, in a
-    free cell (the object count stays the scene's: the lie is the detail, as LLaVA's data does)."""
-    objs = list(s.objects)
-    free = [p for p in sorted(POSITIONS) if not s.find(pos=POSITIONS[p])] or sorted(POSITIONS)
-    color, shape = rng.choice(s.absent())
-    row, col = rng.choice(free)
-    objs.append(Obj(shape, color, rng.choice(SIZES), row, col))
-    objs.sort(key=lambda o: (o.row, o.col))  # reading order, as a faithful description
-    return s.describe(objs, len(s.objects))
 
 
 def _eval_item(s: Scene, spec: dict, idx: str, **extra) -> dict:

@@ -171,6 +171,15 @@ def _at(spec: dict, scene: Scene) -> str:
     return f"There is a {objs[0].size} {objs[0].name} at the {objs[0].pos}."
 
 
+def with_absent_object(scene: Scene, objs: list[Obj], rng: random.Random) -> list[Obj]:
+    """``objs`` and one more object, of a (color, shape) the scene has none of, in a free cell (any
+    cell if none is free), in reading order: a planted lie, or the SFT data's habit (dataset.build)."""
+    c, s = rng.choice(scene.absent())
+    free = [p for p in sorted(POSITIONS) if not scene.find(pos=POSITIONS[p])] or sorted(POSITIONS)
+    r, cc = rng.choice(free)
+    return sorted([*objs, Obj(s, c, rng.choice(SIZES), r, cc)], key=lambda x: (x.row, x.col))
+
+
 def _lie_describe(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, str]:
     objs = list(scene.objects)
     kind = rng.choice(["wrong_attribute", "absent_object", "wrong_count", "wrong_relation"])
@@ -185,11 +194,8 @@ def _lie_describe(spec: dict, scene: Scene, rng: random.Random) -> tuple[str, st
         free = [p for p in sorted(POSITIONS) if p != (o.row, o.col)]
         r, c = rng.choice(free)
         objs[i] = Obj(o.shape, o.color, o.size, r, c)
-    else:  # absent object: one more object whose (color, shape) is not in the scene
-        c, s = rng.choice(scene.absent())
-        free = [p for p in sorted(POSITIONS) if not scene.find(pos=POSITIONS[p])] or sorted(POSITIONS)
-        r, cc = rng.choice(free)
-        objs.append(Obj(s, c, rng.choice(SIZES), r, cc))
+    else:
+        objs = with_absent_object(scene, objs, rng)
     objs.sort(key=lambda x: (x.row, x.col))  # reading order, as faithful ones: order gives nothing away
     return scene.describe(objs), kind
 
