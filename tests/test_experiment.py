@@ -93,6 +93,16 @@ def test_summary_and_tables_on_hand_made_results(tmp_path):
     assert "| counting | 4 / 3.5 | 0.625 ± 0.177 | 0.750 ± 0.354 |" in md  # the pair counts differ per arm
     assert md.count("| question type |") == 2  # overall, then the hallucination pairs only
 
+    # the acceptance checks, worked by hand: SFT − fact 0.45 > 2 × 0.071; vanilla − fact 0.25 is not
+    # > 2 × 0.141 (the larger std); POPE F1 equal (0 ≥ 0); MMHal score 0.75 − 0.3; RM 0.8 − 0.7 < 0.283
+    got = [(round(c["value"], 3), None if c["margin"] is None else round(c["margin"], 3), c["passed"])
+           for c in E.acceptance(s)]
+    assert got == [(0.45, 0.141, True), (0.25, 0.283, False), (0.0, 0.0, True), (0.45, 0.0, True),
+                   (0.1, 0.283, False)]
+    assert "| hallucination rate: vanilla-RLHF − Fact-RLHF > 2 std | 0.250 | 0.283 | **no** |" in md
+    one = E.summarize({**r, "arms": {a: {"0": runs["0"]} for a, runs in r["arms"].items()}})
+    assert [c["passed"] for c in E.acceptance(one)] == [None, None, True, True, None]  # one seed: no spread
+
     png = E.plot_experiment(r, tmp_path / "experiment.png")
     assert png is not None and png.stat().st_size > 10_000
 

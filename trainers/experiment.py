@@ -100,6 +100,7 @@ def run_experiment(cfg: Config) -> dict:
 
     # 4. results, tables, plot
     results["summary"] = summarize(results)
+    results["acceptance"] = acceptance(results["summary"])
     write_atomic(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     table = format_tables(results)
     print(table)
@@ -109,7 +110,8 @@ def run_experiment(cfg: Config) -> dict:
              for key in ("hallucination_rate", "mmhal_score", "pope_f1_adversarial", "chair_i", "rm_accuracy")}
     return {"experiment": "done", "seconds": round(time.time() - t0, 1), "seeds": seeds,
             "results": str(out / "results.json"), "table": str(out / "table.md"),
-            "plot": None if png is None else str(png), "mean": means}
+            "plot": None if png is None else str(png), "mean": means,
+            "accepted": all(c["passed"] for c in results["acceptance"])}
 
 
 def _evaluate(cfg: Config, columns: tuple, after: Path, label: str) -> dict:
@@ -168,6 +170,41 @@ def summarize(results: dict) -> dict:
     return {"rows": rows, "categories": categories, "rm_types": rm_types}
 
 
+def acceptance(summary: dict) -> list[dict]:
+    """The issue's acceptance checks on a summary (``summarize``), each {"check", "value", "passed"}:
+    Fact-RLHF's hallucination rate below SFT's by more than twice its std over seeds and below
+    vanilla-RLHF's by more than twice the larger of the two arms' stds; its POPE F1 (adversarial) and
+    MMHal score at least SFT's (the score guards against abstention: answering "." to everything never
+    hallucinates, and ShapesWorld's checker-reward PPO found exactly that); the fact RM above the vanilla
+    one on held-out hallucination pairs by twice the larger std. ``passed`` is None where a number is
+    missing or there is a single seed (no spread to compare with)."""
+    rows = summary["rows"]
+    fact, van = rows["hallucination_rate"]["fact"], rows["hallucination_rate"]["vanilla"]
+    sft = rows["hallucination_rate"]["sft"]
+    out = []
+
+    def check(name, value, margin, ok):
+        spread = None if margin is None else 2 * margin
+        out.append({"check": name, "value": value, "margin": spread,
+                    "passed": None if value is None or spread is None else bool(ok(value, spread))})
+
+    def sd(*vs):  # the larger std, None with one seed or a missing arm
+        if any(not isinstance(v, dict) or v["n"] < 2 for v in vs):
+            return None
+        return max(v["std"] for v in vs)
+
+    def diff(a, b):
+        return None if a is None or b is None else _mean(a) - _mean(b)
+
+    check("hallucination rate: SFT − Fact-RLHF > 2 std", diff(sft, fact), sd(fact), lambda v, m: v > m)
+    check("hallucination rate: vanilla-RLHF − Fact-RLHF > 2 std", diff(van, fact), sd(fact, van), lambda v, m: v > m)
+    for key, name in (("pope_f1_adversarial", "POPE F1 adversarial"), ("mmhal_score", "MMHal score")):
+        check(f"{name}: Fact-RLHF − SFT ≥ 0", diff(rows[key]["fact"], rows[key]["sft"]), 0.0, lambda v, m: v >= 0)
+    rf, rv = rows["rm_accuracy_hallucination"]["fact"], rows["rm_accuracy_hallucination"]["vanilla"]
+    check("RM accuracy on hallucination pairs: fact − vanilla > 2 std", diff(rf, rv), sd(rf, rv), lambda v, m: v > m)
+    return out
+
+
 def _rm_type(evals: list[dict], qtype: str) -> dict:
     """One arm's RM on one question type over seeds: accuracies as mean_std, pair counts as means
     (a fact RM prompt is longer, so it may drop more pairs as too long than a vanilla one)."""
@@ -201,6 +238,12 @@ def format_tables(results: dict) -> str:
              "RM rows: each arm's own reward model on the held-out preference pairs.", ""]
     lines += _md([""] + [name for _, name in COLUMNS],
                  [[label] + [_cell(s["rows"][key][col]) for col, _ in COLUMNS] for label, key in ROWS])
+    checks = acceptance(s)
+    verdict = {True: "yes", False: "**no**", None: "- (needs 2+ seeds)"}
+    lines += ["", "## The issue's acceptance checks", ""]
+    lines += _md(["check", "value", "needed", "met"],
+                 [[c["check"], _cell(c["value"]), "-" if c["margin"] is None else f"{c['margin']:.3f}",
+                   verdict[c["passed"]]] for c in checks])
     lines += ["", "## Hallucination rate by MMHal category ↓", ""]
     lines += _md(["category", "items"] + [name for _, name in COLUMNS],
                  [[c, count(v["n"])] + [_cell(v[col]) for col, _ in COLUMNS] for c, v in s["categories"].items()])
