@@ -204,6 +204,13 @@ def test_preferences_fact_augmented_and_vanilla(tok, root):
     assert "The correct option is B" not in tok.decode(e0.chosen_ids)
     again = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=5)
     assert [e.chosen_ids for e in again] == [e.chosen_ids for e in exs]  # reproducible by seed
+    # shuffle_captions=False: the captions file's order, the same for both outputs (whatever the seed)
+    fixed = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=5,
+                               shuffle_captions=False)
+    s0 = rm_prompt.render(t, CAPTIONS["img1.png"])
+    assert s0.index("A red circle") < s0.index("The background")
+    assert fixed[0].chosen_ids == prefix + enc(tok, "The circle is red.") + eos + enc(tok, s0)
+    assert fixed[0].rejected_ids == prefix + enc(tok, "The circle is blue.") + eos + enc(tok, s0)
     # multi-turn: the earlier gpt turn stays (with its eos), the outputs follow the last question
     e1 = exs[1]
     assert e1.chosen_ids.count(tok.eos_token_id) == 2  # the earlier turn's and the output's

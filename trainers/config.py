@@ -92,6 +92,10 @@ class DataConfig:
     eval_dir: str = "eval"  # held-out eval sets (ShapesWorld: POPE, MMHal-style, CHAIR)
     # RM prompt: original (the recipe's 4-criterion file, empty = it) | factrl (one short sentence) | a file path
     fact_template: str = ""
+    # Shuffle the fact RM's captions at every use, each output of a pair its own order (the recipe:
+    # RLHF/data_utils/data_utils_rm.py:85-90, ppo_trainer.py:356-361); false = the captions file's
+    # order, the same for both outputs of a pair
+    shuffle_captions: bool = True
     # The system line before the first "USER:" of every SFT, RM, PPO and eval sequence; "" = none
     # (the tiny preset: the vicuna line is 29 of its ~88 tokens per SFT example)
     system_prompt: str = VICUNA_SYSTEM

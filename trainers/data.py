@@ -460,15 +460,17 @@ def load_preferences(
     image_folder: Optional[str] = None,
     system: str = SYSTEM_PROMPT,
     seed: int = 0,
+    shuffle_captions: bool = True,
 ) -> Examples:
     """Preference pairs -> [PreferenceExample]; chosen/rejected ids are complete RM inputs:
     conversation + output + EOS + the RM prompt (rm_prompt), with the image's captions shuffled by
     a ``seed``ed RNG for each output when ``fact_augmented`` (data_utils_rm.py:85-90 shuffles per
-    output too). ``captions`` (load_captions) is needed only when ``fact_augmented``."""
+    output too; ``shuffle_captions=False``: in the captions file's order, the same for both outputs).
+    ``captions`` (load_captions) is needed only when ``fact_augmented``."""
     if fact_augmented and captions is None:
         raise ValueError("fact_augmented=True needs the captions dict (load_captions)")
     tmpl = rm_prompt.load_template(template, fact_augmented)  # fail early on a bad template
-    rng = random.Random(seed)
+    rng = random.Random(seed) if shuffle_captions else None
 
     def one(rec, i):
         img = _record_image(rec, path, i, image_folder)

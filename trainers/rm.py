@@ -99,7 +99,8 @@ def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False,
     load = lambda f: load_preferences(  # noqa: E731
         root / f, a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, captions, fact_augmented,
         template=cfg.data.fact_template, skip_bad=cfg.data.skip_bad_records,
-        image_folder=str(root / cfg.data.image_folder), system=cfg.data.system_prompt, seed=cfg.run.seed)
+        image_folder=str(root / cfg.data.image_folder), system=cfg.data.system_prompt, seed=cfg.run.seed,
+        shuffle_captions=cfg.data.shuffle_captions)
     if cfg.data.preference_eval_file and (root / cfg.data.preference_eval_file).is_file():
         return ([] if held_only else load(cfg.data.preference_file)), \
             (load(cfg.data.preference_eval_file) if with_held else [])
