@@ -204,13 +204,16 @@ def test_preferences_fact_augmented_and_vanilla(tok, root):
     assert "The correct option is B" not in tok.decode(e0.chosen_ids)
     again = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=5)
     assert [e.chosen_ids for e in again] == [e.chosen_ids for e in exs]  # reproducible by seed
-    # shuffle_captions=False: the captions file's order, the same for both outputs (whatever the seed)
-    fixed = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=5,
-                               shuffle_captions=False)
+    # shuffle_captions=False: the captions file's order, the same for both outputs. Seed 1, whose
+    # shuffles reverse both outputs' captions (seed 5's keep the file's order: it could not tell)
     s0 = rm_prompt.render(t, CAPTIONS["img1.png"])
     assert s0.index("A red circle") < s0.index("The background")
-    assert fixed[0].chosen_ids == prefix + enc(tok, "The circle is red.") + eos + enc(tok, s0)
-    assert fixed[0].rejected_ids == prefix + enc(tok, "The circle is blue.") + eos + enc(tok, s0)
+    shuffled = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=1)
+    fixed = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, True, template="factrl", seed=1,
+                               shuffle_captions=False)
+    for got, out in ((lambda e: e.chosen_ids, "The circle is red."), (lambda e: e.rejected_ids, "The circle is blue.")):
+        want = prefix + enc(tok, out) + eos + enc(tok, s0)
+        assert got(fixed[0]) == want and got(shuffled[0]) != want
     # multi-turn: the earlier gpt turn stays (with its eos), the outputs follow the last question
     e1 = exs[1]
     assert e1.chosen_ids.count(tok.eos_token_id) == 2  # the earlier turn's and the output's

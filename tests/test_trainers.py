@@ -263,7 +263,7 @@ def test_ddp_two_processes_equal_one_process(shared_data, tmp_path):
     torch.testing.assert_close(g2[0], g1[0], rtol=1e-5, atol=0)
 
 
-def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):
+def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path, monkeypatch):
     from factrl.trainers.rm import train_rm
     from factrl.trainers.sft import train_sft
 
@@ -293,12 +293,10 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path):
     import factrl.trainers.rm as R
 
     real = R.collate_preferences
-    R.collate_preferences = lambda ex, *a: seen.extend(e.id for e in ex) or real(ex, *a)
-    try:
-        train_rm(micro_cfg(shared_data, tmp_path / "holistic", "rm.max_steps=2", "rm.question_types=[holistic]",
-                           f"rm.base={out}/sft/final", "rm.eval_every=-1"))
-    finally:
-        R.collate_preferences = real
+    monkeypatch.setattr(R, "collate_preferences", lambda ex, *a: seen.extend(e.id for e in ex) or real(ex, *a))
+    train_rm(micro_cfg(shared_data, tmp_path / "holistic", "rm.max_steps=2", "rm.question_types=[holistic]",
+                       f"rm.base={out}/sft/final", "rm.eval_every=-1"))
+    monkeypatch.undo()
     types = {r["id"]: r["question_type"] for r in json.loads((shared_data / "data" / "preference.json").read_text())}
     assert seen and {types[i] for i in seen} == {"holistic"}
 

@@ -250,6 +250,7 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
     reference grouped on the policy base, value and reward on the reward base (its view)."""
     p = cfg.ppo
     template = rm_prompt.load_template(cfg.data.fact_template, p.fact_augmented)
+    order = random if cfg.data.shuffle_captions else None  # data.shuffle_captions=false: the file's order
     ref_role = reference_role(cfg)
     rmodel = model if reward is None else reward.model
     model.eval()
@@ -273,7 +274,6 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
         # captions shuffled at each use (ppo_trainer.py:356-361) by the global RNG, which checkpoints keep
         queries = [prompts[j].query_ids if reward is None else
                    expand_images(prompts[j].query_ids, model.image_token_id, reward.num_image_tokens) for j in idx]
-        order = random if cfg.data.shuffle_captions else None
         rm_ids = [build_rm_input(tok, q, ro.response[j, :int(ro.lengths[j])].tolist(),
                                  rm_prompt.render(template, prompts[j].captions, order)) for q, j in zip(queries, idx)]
         ids, mask = pad(rm_ids, tok.pad_token_id).to(device), pad_mask(rm_ids).to(device)
