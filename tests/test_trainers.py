@@ -296,7 +296,6 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path, monkeypatch
     monkeypatch.setattr(R, "collate_preferences", lambda ex, *a: seen.extend(e.id for e in ex) or real(ex, *a))
     train_rm(micro_cfg(shared_data, tmp_path / "holistic", "rm.max_steps=2", "rm.question_types=[holistic]",
                        f"rm.base={out}/sft/final", "rm.eval_every=-1"))
-    monkeypatch.undo()
     types = {r["id"]: r["question_type"] for r in json.loads((shared_data / "data" / "preference.json").read_text())}
     assert seen and {types[i] for i in seen} == {"holistic"}
 
