@@ -1,7 +1,11 @@
 """The generic trainer never imports the embedded world (ShapesWorld), not even lazily or through
-another module: only the places that choose the embedded default may."""
+another module: only the places that choose the embedded default may. And the top-level folder
+`kernels/` never stands in for Hugging Face's `kernels` package when the checkout is on sys.path."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +66,35 @@ def test_the_walk_sees_lazy_and_relative_imports(tmp_path):
     f.write_text("def f():\n    from .shapesworld import scenes\n    import factrl.trainers.shapesworld.grammar\n")
     assert {"factrl.trainers.shapesworld", "factrl.trainers.shapesworld.scenes",
             "factrl.trainers.shapesworld.grammar"} <= _imports("factrl.trainers.m", f)
+
+
+def _from_the_checkout(code: str, **env) -> subprocess.CompletedProcess:
+    """``python -c code`` run in the checkout's root, which `-c` puts first on sys.path (as `python -m` does)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_kernels_folder_hands_its_name_to_the_installed_kernels_package(tmp_path):
+    """Defect (CI, 2026-12-03): transformers 5.25 requires HF's `kernels` and imports it from
+    `transformers.activations`; run from the checkout (`python -m pytest`), `import kernels` found our
+    folder and every test that built a model failed on "cannot import name 'CUDAProperties'". A stand-in
+    package after the checkout on sys.path plays the installed one, whatever transformers is installed."""
+    site = tmp_path / "site" / "kernels"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("CUDAProperties = 'hub'\n")
+    (site / "utils.py").write_text("WHERE = 'hub'\n")
+    r = _from_the_checkout("import kernels, kernels.utils, factrl.kernels as ours\n"
+                           "print(kernels.CUDAProperties, kernels.utils.WHERE, ours.NF4Weight.__name__)",
+                           PYTHONPATH=str(tmp_path / "site"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["hub", "hub", "NF4Weight"]
+
+
+def test_transformers_builds_a_llava_from_the_checkout():
+    """The same defect end to end with whatever transformers and `kernels` this venv has: where HF's
+    `kernels` is not installed our folder stays an empty module, which transformers reads as absent."""
+    r = _from_the_checkout("from transformers import LlavaConfig, LlavaForConditionalGeneration\n"
+                           "import kernels\n"
+                           "assert not hasattr(kernels, 'NF4Weight'), kernels.__file__\n"
+                           "print(type(LlavaForConditionalGeneration).__name__)")
+    assert r.returncode == 0, r.stderr
