@@ -90,11 +90,11 @@ def test_kernels_folder_hands_its_name_to_the_installed_kernels_package(tmp_path
     assert r.stdout.split() == ["hub", "hub", "NF4Weight"]
 
 
-def test_transformers_builds_a_llava_from_the_checkout():
-    """The same defect end to end with whatever transformers and `kernels` this venv has: where HF's
-    `kernels` is not installed our folder stays an empty module, which transformers reads as absent."""
-    r = _from_the_checkout("from transformers import LlavaConfig, LlavaForConditionalGeneration\n"
+def test_transformers_imports_llava_from_the_checkout():
+    """The same defect end to end with whatever transformers and `kernels` this venv has (importing the
+    LLaVA class imports transformers.activations, where CI failed): where HF's `kernels` is not
+    installed our folder stays an empty module, which transformers reads as absent."""
+    r = _from_the_checkout("from transformers import LlavaForConditionalGeneration\n"
                            "import kernels\n"
-                           "assert not hasattr(kernels, 'NF4Weight'), kernels.__file__\n"
-                           "print(type(LlavaForConditionalGeneration).__name__)")
+                           "assert not hasattr(kernels, 'NF4Weight'), kernels.__file__")
     assert r.returncode == 0, r.stderr
