@@ -87,6 +87,23 @@ def test_1_shapesworld_is_not_generated_into_a_users_data_folder(tmp_path):
         assert (root / "sft.json").is_file()
 
 
+def test_1_a_world_generated_with_other_settings_is_not_used_in_their_place(tmp_path):
+    """Defect: data.root kept its first world whatever data.shapes_* asked later (a `make train` after
+    an experiment with data.shapes_habit=0.65 trained on the habit data, silently)."""
+    from factrl.trainers.data import DataError
+    from factrl.trainers.embedded import ensure_dataset
+
+    args = [f"data.root={tmp_path}/data", f"run.out_dir={tmp_path}", "data.shapes_n=8"]
+    ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5"]))
+    sft = (tmp_path / "data" / "sft.json").read_bytes()
+    ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5"]))  # the same world: reused
+    with pytest.raises(DataError, match=r"shapes_habit=0.5 \(asked: 0.0\)"):
+        ensure_dataset(load_config("tiny", args))
+    with pytest.raises(DataError, match=r"shapes_habit_object='absent' \(asked: 'present'\)"):
+        ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5", "data.shapes_habit_object=present"]))
+    assert (tmp_path / "data" / "sft.json").read_bytes() == sft  # nothing rewritten
+
+
 # ---- 2. a reused out_dir: no fresh run on another's results, keep-last, resume past the end ---------------
 def test_2_fresh_run_into_a_used_stage_dir_refuses_and_overwrite_replaces_it(tmp_path, straight):
     out = tmp_path / "run"

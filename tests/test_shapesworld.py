@@ -163,6 +163,25 @@ def test_shapes_habit_invents_one_object_in_that_share_of_descriptions_and_chang
         assert habit[key] == plain[key], key
 
 
+def test_shapes_habit_present_invents_a_second_object_of_a_kind_the_scene_has():
+    """data.shapes_habit_object=present: the invented object is of a (colour, shape) the scene has, in
+    a cell where the scene has nothing (if any is free): no existence check refutes it, the checker
+    still does (a false "obj" claim); the same descriptions change as with the absent kind."""
+    absent = SD.build(200, seed=4, habit=0.5)
+    present = SD.build(200, seed=4, habit=0.5, habit_object="present")
+    assert [s.id for s, _ in present["habit"]] == [s.id for s, _ in absent["habit"]]
+    for scene, text in present["habit"]:
+        assert all(scene.find(color=c, shape=sh) for c, sh in G.mentioned_objects(text)), text
+        assert text.startswith(f"A {scene.background} background with {len(scene.objects)} ")
+        claims = [c for c in G.extract_claims(text) if c[0] == "obj"]
+        assert len(claims) == len(scene.objects) + 1
+        false = [c for c in claims if not G.check_claim(c, scene)]
+        assert len(false) == 1 and (len(scene.objects) == 9 or not scene.find(pos=false[0][4])), text
+        assert G.check_answer(text, {"type": "describe", "variant": 0}, scene)["hallucination"]
+    for key in ("preference", "preference_eval", "ppo", "eval", "captions"):
+        assert present[key] == absent[key], key
+
+
 def test_train_and_eval_scenes_are_disjoint(world):
     train = [s for s in world["scenes"] if s.split == "train"]
     ev = [s for s in world["scenes"] if s.split == "eval"]

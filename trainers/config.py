@@ -110,6 +110,12 @@ class DataConfig:
     # as LLaVA's GPT-written instruction data names plausible objects that are not in the image:
     # the hallucination habit Fact-RLHF is meant to remove (0 = faithful SFT data)
     shapes_habit: float = 0.0
+    # What the habit invents: "absent", an object of a (colour, shape) the scene has none of (an
+    # existence check of the image refutes it, as POPE's questions do) | "present", a second object
+    # of a (colour, shape) the scene has, in a free cell (only its count or place refutes it, as a
+    # plausible co-occurring object in a real photo: the image is the weaker witness, the captions
+    # name every object and place)
+    shapes_habit_object: str = "absent"
 
 
 @dataclass
@@ -563,6 +569,8 @@ def validate_config(cfg: Config) -> None:
     for k in ("image_folder", "sft_file", "preference_file", "captions_file", "ppo_prompts_file", "eval_dir"):
         need(f"data.{k}", getattr(d, k).strip() != "", "expected a file or folder name")
     need("data.shapes_habit", 0 <= cfg.data.shapes_habit <= 1, "expected 0 <= shapes_habit <= 1")
+    need("data.shapes_habit_object", cfg.data.shapes_habit_object in ("absent", "present"),
+         "expected absent | present")
     for k in ("max_seq_len", "max_prompt_len", "shapes_n", "shapes_image_size"):
         need(f"data.{k}", getattr(d, k) > 0, "expected > 0")
     need("data.image_aspect", d.image_aspect in ("pad", "resize", "crop"), "expected pad | resize | crop")

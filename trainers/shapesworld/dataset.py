@@ -43,7 +43,8 @@ def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
     return conv
 
 
-def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0) -> dict:
+def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
+          habit_object: str = "absent") -> dict:
     """All records in memory, each generated item also carrying its ``spec`` (for tests/eval).
 
     Returns {"scenes": [Scene], "sft": [...], "preference": [...], "preference_eval": [...],
@@ -53,6 +54,8 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0) -
     outputs), "ppo_specs" ((scene, spec) per PPO prompt), "habit" ((scene, description) of every
     SFT description given an invented object)}. ``habit``: the share of SFT descriptions that name
     one extra object the scene does not have (``data.shapes_habit``); no other record changes with it.
+    ``habit_object`` (``data.shapes_habit_object``): "absent", the extra object is of a (colour,
+    shape) the scene lacks; "present", of one it has, in another cell.
     """
     n_eval = max(10, n // 5) if n_eval is None else n_eval
     rng = random.Random(seed)
@@ -116,7 +119,7 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0) -
         h = random.Random(f"{seed}-habit-{s.id}")  # its own stream: habit=0 leaves every record as it was
         if habit > 0 and h.random() < habit:
             # one invented object; the count stays the scene's: the lie is the detail, as in LLaVA's data
-            a = s.describe(with_absent_object(s, s.objects, h), len(s.objects))
+            a = s.describe(with_absent_object(s, s.objects, h, present=habit_object == "present"), len(s.objects))
             out["habit"].append((s, a))
         out["sft"].append({"id": f"{s.id}-desc", "image": s.image, "conversations": _conversation([(q, a)])})
         if k % 25 == 0:
@@ -284,7 +287,7 @@ def _dump(path: Path, obj) -> None:
 
 
 def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Optional[int] = None,
-                  habit: float = 0.0) -> dict:
+                  habit: float = 0.0, habit_object: str = "absent") -> dict:
     """Write a ShapesWorld dataset (LLaVA-RLHF formats) into ``out_dir``; returns counts/paths.
 
     Files: sft.json, preference.json, preference_eval.json, image_to_caption.json, ppo_prompts.json,
@@ -294,7 +297,7 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    data = build(n, seed, n_eval, habit)
+    data = build(n, seed, n_eval, habit, habit_object)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     for s in data["scenes"]:

@@ -171,10 +171,12 @@ def _at(spec: dict, scene: Scene) -> str:
     return f"There is a {objs[0].size} {objs[0].name} at the {objs[0].pos}."
 
 
-def with_absent_object(scene: Scene, objs: list[Obj], rng: random.Random) -> list[Obj]:
+def with_absent_object(scene: Scene, objs: list[Obj], rng: random.Random, present: bool = False) -> list[Obj]:
     """``objs`` and one more object, of a (color, shape) the scene has none of, in a free cell (any
-    cell if none is free), in reading order: a planted lie, or the SFT data's habit (dataset.build)."""
-    c, s = rng.choice(scene.absent())
+    cell if none is free), in reading order: a planted lie, or the SFT data's habit (dataset.build).
+    ``present``: the invented object is of a (color, shape) the scene *has* (a second one, elsewhere):
+    a plausible lie that an existence check of the image cannot refute, only its count or place."""
+    c, s = rng.choice(sorted({(o.color, o.shape) for o in scene.objects}) if present else scene.absent())
     free = [p for p in sorted(POSITIONS) if not scene.find(pos=POSITIONS[p])] or sorted(POSITIONS)
     r, cc = rng.choice(free)
     return sorted([*objs, Obj(s, c, rng.choice(SIZES), r, cc)], key=lambda x: (x.row, x.col))
