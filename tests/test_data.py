@@ -180,6 +180,16 @@ def test_captions_with_aok(root):
     assert caps["img2.png"] == ["A big blue star."]
 
 
+@given(st.lists(st.text(max_size=4), min_size=2, max_size=8, unique=True))
+def test_other_scenes_captions_gives_every_image_another_images_captions(keys):
+    caps = D.Captions({k: [f"caption of {k}"] for k in reversed(keys)})
+    caps.file = "caps.json"
+    other = D.other_scenes_captions(caps)
+    assert set(other) == set(caps) and all(other[k] != caps[k] for k in caps)  # no image keeps its own
+    assert sorted(map(tuple, other.values())) == sorted(map(tuple, caps.values()))  # the same captions, moved
+    assert other.file.startswith("caps.json") and "rotated" in other.file  # errors say these are not the file's
+
+
 def test_preferences_fact_augmented_and_vanilla(tok, root):
     caps = D.load_captions(root / "caps.json")
     exs = D.load_preferences(root / "pref.json", tok, NIT, 1000, caps, fact_augmented=True, template="factrl", seed=5)

@@ -121,12 +121,18 @@ def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
                                                         "e": "spatial"}
     held = [SimpleNamespace(id=i) for i in ("e", "a", "2", "d")]  # "b" was dropped; "d" has no type
     triples = [(1.0, 0.0, True), (0.0, 1.0, False), (2.0, 1.0, True), (1.0, 0.0, None)]
-    monkeypatch.setattr(R, "load_pairs", lambda *a, **k: ([], held))
-    monkeypatch.setattr(R, "score_pairs", lambda *a, **k: triples)
+    other = [SimpleNamespace(id=i) for i in ("e", "a", "2", "d")]  # the same pairs, other images' facts
+    monkeypatch.setattr(R, "load_pairs", lambda *a, other_scenes=False, **k: ([], other if other_scenes else held))
+    monkeypatch.setattr(R, "score_pairs", lambda m, pairs, *a, **k: triples if pairs is held else
+                        [(0.0, 1.0, True), (0.0, 1.0, False), (0.0, 1.0, True), (1.0, 0.0, None)])
     model = SimpleNamespace(adapter_state=SimpleNamespace(names={"reward"}))
     a = SimpleNamespace(data_root=tmp_path, tokenizer=SimpleNamespace(pad_token_id=0), images=None)
     res = eval_stage.rm_eval(model, a, cfg, "cpu")
     assert res["accuracy"] == 0.75 and res["n"] == 4  # overall, as before
+    assert res["accuracy_other_scenes_facts"] == 0.25  # the fact RM is also scored with other images' facts
+    vanilla = eval_stage.rm_eval(model, a, load_config("tiny", [f"data.root={tmp_path}", "rm.fact_augmented=false"]),
+                                 "cpu")
+    assert "accuracy_other_scenes_facts" not in vanilla and vanilla["accuracy"] == 0.75  # it reads no facts
     assert res["per_question_type"] == {"counting": rm_accuracy(triples[1:3]), "spatial": rm_accuracy(triples[:1])}
     assert res["per_question_type"]["counting"]["accuracy"] == 0.5
     assert rm_accuracy_by(triples, [None] * 4) == {}

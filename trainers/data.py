@@ -522,6 +522,16 @@ def load_captions(path) -> Captions:
     return out
 
 
+def other_scenes_captions(captions: Captions) -> Captions:
+    """Every key given the captions of the next key in sorted order (a rotation: no key keeps its
+    own unless all are the same). A fact RM that reads its facts must lose held-out accuracy on
+    these; one that does not is judging the response alone (README, "Why Fact-RLHF does not work")."""
+    keys = sorted(captions)
+    out = Captions(zip(keys, (captions[k] for k in keys[1:] + keys[:1])))
+    out.file = f"{captions.file} (rotated: each image given another's captions)"
+    return out
+
+
 def load_ppo_prompts(
     path,
     tokenizer,

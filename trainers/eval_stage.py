@@ -50,7 +50,8 @@ def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new
 
 def rm_eval(model, a, cfg: Config, device) -> dict:
     """The reward model's pairwise accuracy on the held-out preference pairs ({} without an RM),
-    and ``per_question_type`` when the records carry a ``question_type``."""
+    a fact RM's also with other images' facts (``accuracy_other_scenes_facts``), and
+    ``per_question_type`` when the records carry a ``question_type``."""
     from factrl.trainers.rm import ROLE, load_pairs, score_pairs
 
     if ROLE not in model.adapter_state.names:
@@ -59,6 +60,12 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
     triples = score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
                           cfg.rm.score_pool)
     res = rm_accuracy(triples)
+    if cfg.rm.fact_augmented:  # the same pairs with every image's facts another image's: a fact RM that
+        # reads its facts loses accuracy here; one at its true-facts accuracy judges the response alone
+        _, other = load_pairs(cfg, a, True, held_only=True, other_scenes=True)
+        res["accuracy_other_scenes_facts"] = rm_accuracy(score_pairs(
+            model, other, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
+            cfg.rm.score_pool))["accuracy"]
     types = question_types(cfg, a.data_root)
     if types:  # scored pairs are in load order; pairs dropped as too long are simply absent
         res["per_question_type"] = rm_accuracy_by(triples, [types.get(e.id) for e in held])
@@ -341,7 +348,8 @@ def headline(r: dict) -> dict:
             "pope_yes_ratio_adversarial": g("pope", "adversarial", "yes_ratio"), "chair_i": g("chair", "chair_i"),
             "chair_s": g("chair", "chair_s"), "chair_coverage": g("chair", "coverage"),
             "mmhal_response_words": g("mmhal", "response_words"), "rm_accuracy": g("rm", "accuracy"),
-            "rm_accuracy_hallucination": g("rm", "accuracy_hallucination")}
+            "rm_accuracy_hallucination": g("rm", "accuracy_hallucination"),
+            "rm_accuracy_other_scenes_facts": g("rm", "accuracy_other_scenes_facts")}
 
 
 def dig(d, *path):

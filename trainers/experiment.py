@@ -49,6 +49,7 @@ ROWS = [
     ("answer length on MMHal (words)", "mmhal_response_words"),
     ("RM held-out accuracy ↑", "rm_accuracy"),
     ("RM held-out accuracy (halluc. pairs) ↑", "rm_accuracy_hallucination"),
+    ("RM held-out accuracy, other images' facts", "rm_accuracy_other_scenes_facts"),
 ]
 CURVE_KEYS = ("reward", "reward/rm", "kl", "eval/hallucination_rate", "eval/mmhal_score",
               "eval/pope_f1_adversarial", "eval/pope_yes_ratio_adversarial")

@@ -151,6 +151,7 @@ _ROWS = [
     ("CHAIR coverage ↑", ("chair", "coverage")),
     ("RM accuracy ↑", ("rm", "accuracy")),
     ("RM accuracy (halluc. pairs) ↑", ("rm", "accuracy_hallucination")),
+    ("RM accuracy, other images' facts", ("rm", "accuracy_other_scenes_facts")),
 ]
 
 

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from factrl.trainers.config import Config
-from factrl.trainers.data import collate_preferences, load_captions, load_preferences, select_question_types
+from factrl.trainers.data import (
+    collate_preferences,
+    load_captions,
+    load_preferences,
+    other_scenes_captions,
+    select_question_types,
+)
 from factrl.trainers.loop import supervised_loop
 from factrl.trainers.metrics import rm_accuracy
 from factrl.trainers.run import autocast
@@ -89,13 +95,16 @@ def pair_rewards(model, b: dict, pool: str = "last") -> tuple[torch.Tensor, torc
 
 
 def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False,
-               with_held: bool = True) -> tuple[list, list]:
+               with_held: bool = True, other_scenes: bool = False) -> tuple[list, list]:
     """(train, held-out) pairs as RM inputs. Held-out: ``data.preference_eval_file`` when it exists
     (not read without ``with_held``), else ``rm.eval_size`` pairs carved from the preference file
     by a permutation seeded with run.seed, as RLHF/data_utils/data_utils_rm.py:255-271
-    (random_split, the run's seed)."""
+    (random_split, the run's seed). ``other_scenes``: each image's facts are another image's
+    (data.other_scenes_captions), the probe of whether a fact RM reads them."""
     root = a.data_root
     captions = load_captions(root / cfg.data.captions_file) if fact_augmented else None
+    if captions is not None and other_scenes:
+        captions = other_scenes_captions(captions)
     load = lambda f: load_preferences(  # noqa: E731
         root / f, a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, captions, fact_augmented,
         template=cfg.data.fact_template, skip_bad=cfg.data.skip_bad_records,
