@@ -182,6 +182,34 @@ def test_shapes_habit_present_invents_a_second_object_of_a_kind_the_scene_has():
         assert present[key] == absent[key], key
 
 
+def test_shapes_habit_counted_states_the_invented_object_in_the_count_and_plants_it_in_the_pairs():
+    """data.shapes_habit_counted: the habit's description counts its invented object, so the text agrees
+    with itself (n + 1 stated, n + 1 listed) and only the scene (the captions' count, the object's place)
+    refutes it; the planted description lies that invent an object are that same habit; the SFT QA
+    records, the PPO prompts and the eval sets do not change."""
+    plain = SD.build(300, seed=4, habit=0.5, habit_object="present")
+    counted = SD.build(300, seed=4, habit=0.5, habit_object="present", habit_counted=True)
+    assert [s.id for s, _ in counted["habit"]] == [s.id for s, _ in plain["habit"]]
+    for scene, text in counted["habit"]:
+        n = len(scene.objects) + 1
+        assert text.startswith(f"A {scene.background} background with {n} shapes: "), text
+        assert len([c for c in G.extract_claims(text) if c[0] == "obj"]) == n
+        assert G.check_answer(text, {"type": "describe", "variant": 0}, scene)["hallucination"]
+    by_image = {s.image: s for s in counted["scenes"]}
+    invented = [(sc, a) for sc, spec, a, _ in counted["planted"] if spec["type"] == "describe"
+                and f"with {len(sc.objects) + 1} shapes: " in a
+                and len(G.mentioned_objects(a)) == len(sc.objects) and a.count(" at the ") == len(sc.objects) + 1]
+    assert len(invented) >= 10  # the habit's own lie is among the planted ones
+    for sc, a in invented:
+        assert G.check_answer(a, {"type": "describe", "variant": 0}, by_image[sc.image])["hallucination"]
+    for key in ("ppo", "eval", "captions"):
+        assert counted[key] == plain[key], key
+    qa = lambda w: [r for r in w["sft"] if not r["id"].endswith("-desc")]  # noqa: E731
+    assert qa(counted) == qa(plain)
+    # without a habit the flag changes nothing
+    assert SD.build(100, seed=4, habit_counted=True)["preference"] == SD.build(100, seed=4)["preference"]
+
+
 def test_train_and_eval_scenes_are_disjoint(world):
     train = [s for s in world["scenes"] if s.split == "train"]
     ev = [s for s in world["scenes"] if s.split == "eval"]

@@ -116,6 +116,12 @@ class DataConfig:
     # plausible co-occurring object in a real photo: the image is the weaker witness, the captions
     # name every object and place)
     shapes_habit_object: str = "absent"
+    # The habit's description counts its invented object ("with 4 shapes:" listing 4 where the scene
+    # has 3): a lie consistent with itself, so no reading of the text alone refutes it — only the
+    # image (count the shapes, place each one) or the captions ("There are 3 shapes ..."). The planted
+    # description lies that invent an object are made the same way, so the RM's pairs hold the
+    # SFT's habit. False: the count stays the scene's (the text contradicts itself)
+    shapes_habit_counted: bool = False
 
 
 @dataclass
@@ -333,6 +339,13 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # run.seed of each RM + PPO pair
     # Everything the experiment writes (it replaces run.out_dir): sft/, seed<s>/<arm>/, results
     out_dir: str = "runs/experiment"
+    # The RMs judged on the policies' own samples (the held-out pairs are planted, the policy's are
+    # not): per seed, this many held-out prompts (of ppo.question_types; ShapesWorld's MMHal-style and
+    # CHAIR sets), rated_samples responses each at ppo.temperature from the SFT model and from each
+    # arm's policy, rated by the world's checker into (faithful, hallucinated) pairs that both arms'
+    # RMs score. 0 = skip
+    rated_items: int = 100
+    rated_samples: int = 8
 
 
 @dataclass

@@ -28,8 +28,10 @@ from factrl.trainers.stage import Stage
 
 
 def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new_tokens: int, device,
-                     system: str = SYSTEM_PROMPT):
-    """items → greedy answers, with ``adapter`` active (None = the base); ``system``: data.system_prompt."""
+                     system: str = SYSTEM_PROMPT, temperature: Optional[float] = None,
+                     generator: Optional[torch.Generator] = None):
+    """items → answers, with ``adapter`` active (None = the base); ``system``: data.system_prompt.
+    Greedy, or sampled at ``temperature`` from ``generator`` when a temperature is given."""
 
     @torch.no_grad()
     def generate(items: list[dict]) -> list[str]:
@@ -40,7 +42,8 @@ def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new
         px = [images(it["image"]) for it in items if it.get("image")]
         feats = model.encode_images(torch.stack(px).to(device)) if px else None
         with model.adapter(adapter):
-            g = model.generate(ids, mask, image_features=feats, max_new_tokens=max_new_tokens, greedy=True,
+            g = model.generate(ids, mask, image_features=feats, max_new_tokens=max_new_tokens,
+                               greedy=temperature is None, temperature=temperature or 1.0, generator=generator,
                                suppress_ids=(model.image_token_id, tok.pad_token_id))
         return [tok.decode(g.tokens[i, :int(g.lengths[i])].tolist(), skip_special_tokens=True).strip()
                 for i in range(len(items))]

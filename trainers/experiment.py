@@ -30,7 +30,7 @@ from factrl.trainers.embedded import prepare
 from factrl.trainers.eval_stage import dig, evaluate_models, headline
 from factrl.trainers.logs import read_metrics
 from factrl.trainers.pipeline import run_stage, train_ppo_evaluated
-from factrl.trainers.run import RunLayout
+from factrl.trainers.run import RunLayout, resolve_device
 
 ARMS = ("vanilla", "fact")
 COLUMNS = (("sft", "SFT"), ("vanilla", "vanilla-RLHF"), ("fact", "Fact-RLHF"))
@@ -97,7 +97,12 @@ def run_experiment(cfg: Config) -> dict:
             run_stage(c, "ppo", train_ppo_evaluated, label)
             layout = RunLayout(Path(c.run.out_dir))
             res = _evaluate(c, ("ppo",), layout.done("ppo"), label)["ppo"]
-            results["arms"][arm][str(seed)] = {"eval": res, "curve": ppo_curve(layout.stage("ppo") / "metrics.jsonl")}
+            results["arms"][arm][str(seed)] = {
+                "eval": res, "curve": ppo_curve(layout.stage("ppo") / "metrics.jsonl"),
+                "rm_train_accuracy": rm_train_accuracy(layout.stage("rm") / "metrics.jsonl")}
+        # 3b. both RMs on pairs of the SFT model's and each policy's own samples, rated by the checker
+        if cfg.experiment.rated_items > 0:
+            results.setdefault("rated", {})[str(seed)] = rated_accuracy(cfg, out, seed)
 
     # 4. results, tables, plot
     results["summary"] = summarize(results)
@@ -128,6 +133,106 @@ def _evaluate(cfg: Config, columns: tuple, after: Path, label: str) -> dict:
             return {c: json.loads(f.read_text()) for c, f in files.items()}
     print(f"[factrl] === {label}eval ({', '.join(columns)}) ===")
     return evaluate_models(cfg, columns)
+
+
+def rm_train_accuracy(metrics: Path, tail: float = 0.1) -> Optional[float]:
+    """The RM's pairwise accuracy on its own training batches over the last ``tail`` of its steps
+    (does it fit its pairs?); None without logged accuracies."""
+    accs = [r["acc"] for r in read_metrics(metrics) if isinstance(r.get("acc"), (int, float))]
+    if not accs:
+        return None
+    last = accs[-max(1, int(len(accs) * tail)):]
+    return sum(last) / len(last)
+
+
+SOURCES = ("sft", *ARMS)  # whose samples the RMs are judged on: the SFT model's, each arm's policy's
+
+
+def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
+    """Each arm's RM on (faithful, hallucinated) pairs of the SFT model's and of both policies' own
+    samples (``experiment.rated_items`` held-out prompts of ``ppo.question_types``, ``rated_samples``
+    each at ``ppo.temperature``), rated by ShapesWorld's checker: where PPO takes a policy, is its RM
+    still right? (The held-out preference pairs are planted lies, not what a policy writes.)
+    {source: {"faithful": share of faithful samples, "pairs": n, "vanilla": acc, "fact": acc,
+    "by_kind": {false-claim kind: {"pairs", "vanilla", "fact"}}}}; written to
+    ``<out>/seed<s>/rated/`` with the pairs, and read back while newer than both arms' PPO."""
+    import torch
+
+    from factrl.model.io import load_adapter
+    from factrl.trainers.data import load_captions, load_preferences
+    from factrl.trainers.eval_stage import make_generate_fn
+    from factrl.trainers.rm import check_score_pool, score_pairs
+    from factrl.trainers.setup import load_assets
+    from factrl.trainers.shapesworld.dataset import load_scenes
+    from factrl.trainers.shapesworld.scoring import rated_pairs
+
+    e = cfg.experiment
+    d = out / f"seed{seed}" / "rated"
+    layouts = {arm: RunLayout(out / f"seed{seed}" / arm) for arm in ARMS}
+    saved = d / "result.json"
+    newest = max(lay.done("ppo").stat().st_mtime for lay in layouts.values())
+    if saved.is_file() and saved.stat().st_mtime >= newest:
+        got = json.loads(saved.read_text())
+        if got.get("settings") == [e.rated_items, e.rated_samples, cfg.ppo.temperature]:
+            print(f"[factrl] seed{seed} rated pairs: {saved} exists, reading it back")
+            return got["result"]
+    print(f"[factrl] === seed{seed} RMs on the policies' own samples ===")
+    c = arm_config(cfg, out, seed, "fact")
+    root = Path(c.data.root)
+    types = set(c.ppo.question_types)
+    sets = [json.loads((root / c.data.eval_dir / f"{name}.json").read_text()) for name in ("mmhal", "chair")]
+    items = [it for s in sets for it in s if not types or it.get("category") in types][:e.rated_items]
+    device = resolve_device(c.run.device)
+    a = load_assets(c, Path(c.ppo.base), quantize=c.model.quantize, device=device)
+    model, tok = a.model, a.tokenizer
+    model.eval()
+    for arm, lay in layouts.items():
+        load_adapter(model, lay.policy_adapter, f"policy_{arm}", trainable=False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scenes = load_scenes(root / "scenes.json")
+    repeated = [it for it in items for _ in range(e.rated_samples)]
+    files, faithful = {}, {}
+    for src in SOURCES:
+        sample = make_generate_fn(model, tok, a.images, a.num_image_tokens, None if src == "sft" else f"policy_{src}",
+                                  c.ppo.max_response_len, device, c.data.system_prompt,
+                                  temperature=c.ppo.temperature, generator=gen)
+        n = c.ppo.rollout_chunk_size  # sequences generated at once, as in PPO's rollouts
+        texts = [t for k in range(0, len(repeated), n) for t in sample(repeated[k:k + n])]
+        per_item = [texts[i * e.rated_samples:(i + 1) * e.rated_samples] for i in range(len(items))]
+        recs = rated_pairs(items, per_item, scenes, seed=seed)
+        faithful[src] = sum(not r["hallucination"] for r in _checked(items, per_item, scenes)) / max(1, len(texts))
+        files[src] = d / f"{src}_pairs.json"
+        write_atomic(files[src], json.dumps(recs, indent=1) + "\n")
+    captions = load_captions(root / c.data.captions_file)
+    right: dict = {}  # (arm, source) -> {pair id: the RM prefers the faithful sample}
+    for arm, lay in layouts.items():
+        check_score_pool(lay.reward_adapter, c.rm.score_pool)
+        load_adapter(model, lay.reward_adapter, "reward", trainable=False)
+        for src, f in files.items():
+            pairs = load_preferences(f, tok, a.num_image_tokens, c.data.max_seq_len, captions, arm == "fact",
+                                     template=c.data.fact_template, image_folder=str(root / c.data.image_folder),
+                                     system=c.data.system_prompt, seed=seed, shuffle_captions=c.data.shuffle_captions)
+            triples = score_pairs(model, pairs, c.eval.batch_size, tok.pad_token_id, a.images, device, c.rm.score_pool)
+            right[arm, src] = {p.id: rc > rr for p, (rc, rr, _) in zip(pairs, triples)}
+    acc = lambda arm, src, ids: (sum(right[arm, src][i] for i in ids) / len(ids)) if ids else None  # noqa: E731
+    result = {}
+    for src, f in files.items():
+        recs = [r for r in json.loads(f.read_text()) if all(r["id"] in right[arm, src] for arm in ARMS)]
+        kinds = sorted({k for r in recs for k in r["false_kinds"] or ["answer"]})
+        of = {k: [r["id"] for r in recs if k in (r["false_kinds"] or ["answer"])] for k in kinds}
+        ids = [r["id"] for r in recs]
+        result[src] = {"faithful": faithful[src], "pairs": len(ids), **{arm: acc(arm, src, ids) for arm in ARMS},
+                       "by_kind": {k: {"pairs": len(v), **{arm: acc(arm, src, v) for arm in ARMS}}
+                                   for k, v in of.items()}}
+    write_atomic(saved, json.dumps({"settings": [e.rated_items, e.rated_samples, cfg.ppo.temperature],
+                                    "result": result}, indent=1) + "\n")
+    return result
+
+
+def _checked(items: list[dict], samples: list[list[str]], scenes: dict) -> list[dict]:
+    from factrl.trainers.shapesworld.grammar import check_answer
+
+    return [check_answer(t, it["spec"], scenes[it["image"]]) for it, ts in zip(items, samples) for t in ts]
 
 
 def ppo_curve(metrics: Path) -> list[dict]:
@@ -168,7 +273,23 @@ def summarize(results: dict) -> dict:
                       **{arm: mean_std(cat_rate(r, c) for r in rs) for arm, rs in evals.items()}} for c in cats}
     types = sorted({t for rs in evals.values() for r in rs for t in dig(r, "rm", "per_question_type") or {}})
     rm_types = {t: {arm: _rm_type(rs, t) for arm, rs in evals.items()} for t in types}
-    return {"rows": rows, "categories": categories, "rm_types": rm_types}
+    rm_train = {arm: mean_std(run.get("rm_train_accuracy") for run in runs.values())
+                for arm, runs in results["arms"].items()}
+    rated = list((results.get("rated") or {}).values())
+    on_samples = {src: {"faithful": mean_std(dig(r, src, "faithful") for r in rated),
+                        "pairs": _mean(mean_std(dig(r, src, "pairs") for r in rated)),
+                        **{arm: mean_std(dig(r, src, arm) for r in rated) for arm in ARMS}}
+                  for src in SOURCES if any(src in r for r in rated)}
+    if rated:  # per seed, the RM's accuracy averaged over whose samples (SFT, each policy)
+        on_samples["mean"] = {arm: mean_std(_avg([dig(r, src, arm) for src in SOURCES]) for r in rated)
+                              for arm in ARMS}
+    return {"rows": rows, "categories": categories, "rm_types": rm_types, "rm_train": rm_train,
+            "rated": on_samples}
+
+
+def _avg(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def acceptance(summary: dict) -> list[dict]:
@@ -203,7 +324,19 @@ def acceptance(summary: dict) -> list[dict]:
         check(f"{name}: Fact-RLHF − SFT ≥ 0", diff(rows[key]["fact"], rows[key]["sft"]), 0.0, lambda v, m: v >= 0)
     rf, rv = rows["rm_accuracy_hallucination"]["fact"], rows["rm_accuracy_hallucination"]["vanilla"]
     check("RM accuracy on hallucination pairs: fact − vanilla > 2 std", diff(rf, rv), sd(rf, rv), lambda v, m: v > m)
+    on = (summary.get("rated") or {}).get("mean")
+    if on:
+        check("RM accuracy on the policies' own samples: fact − vanilla > 2 std", diff(on["fact"], on["vanilla"]),
+              sd(on["fact"], on["vanilla"]), lambda v, m: v > m)
+    fits = [v for v in (summary.get("rm_train") or {}).values() if v is not None]
+    if fits:  # does each RM fit its training pairs: its worst seed's accuracy over its last 10% of steps
+        worst = min(v["mean"] - (v["std"] if v["n"] > 1 else 0.0) for v in fits)
+        out.append({"check": f"both RMs fit their pairs: train accuracy (mean − std) ≥ {RM_FIT}", "value": worst,
+                    "margin": None, "passed": worst >= RM_FIT})
     return out
+
+
+RM_FIT = 0.8  # an RM "fits" its pairs when it orders this share of its own training batches right
 
 
 def _rm_type(evals: list[dict], qtype: str) -> dict:
@@ -245,6 +378,17 @@ def format_tables(results: dict) -> str:
     lines += _md(["check", "value", "needed", "met"],
                  [[c["check"], _cell(c["value"]), "-" if c["margin"] is None else f"{c['margin']:.3f}",
                    verdict[c["passed"]]] for c in checks])
+    if s.get("rm_train"):
+        lines += ["", "## The RMs' fit: accuracy on their own training batches, last 10% of steps ↑", ""]
+        lines += _md(["", "vanilla RM", "fact RM"], [["train accuracy"] + [_cell(s["rm_train"].get(a)) for a in ARMS]])
+    if s.get("rated"):
+        names = {"sft": "SFT", **dict(COLUMNS), "mean": "mean over the three"}
+        lines += ["", "## The RMs on the policies' own samples ↑", "",
+                  "Pairs (faithful, hallucinated) of one prompt's samples at the rollout temperature, rated by "
+                  "ShapesWorld's checker; each arm's RM, same seed.", ""]
+        lines += _md(["whose samples", "faithful share", "pairs", "vanilla RM", "fact RM"],
+                     [[names[src], _cell(v.get("faithful")), count(v.get("pairs"))] + [_cell(v.get(a)) for a in ARMS]
+                      for src, v in s["rated"].items()])
     lines += ["", "## Hallucination rate by MMHal category ↓", ""]
     lines += _md(["category", "items"] + [name for _, name in COLUMNS],
                  [[c, count(v["n"])] + [_cell(v[col]) for col, _ in COLUMNS] for c, v in s["categories"].items()])

@@ -44,7 +44,7 @@ def _conversation(pairs: list[tuple[str, str]]) -> list[dict]:
 
 
 def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
-          habit_object: str = "absent") -> dict:
+          habit_object: str = "absent", habit_counted: bool = False) -> dict:
     """All records in memory, each generated item also carrying its ``spec`` (for tests/eval).
 
     Returns {"scenes": [Scene], "sft": [...], "preference": [...], "preference_eval": [...],
@@ -55,7 +55,9 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
     SFT description given an invented object)}. ``habit``: the share of SFT descriptions that name
     one extra object the scene does not have (``data.shapes_habit``); no other record changes with it.
     ``habit_object`` (``data.shapes_habit_object``): "absent", the extra object is of a (colour,
-    shape) the scene lacks; "present", of one it has, in another cell.
+    shape) the scene lacks; "present", of one it has, in another cell. ``habit_counted``
+    (``data.shapes_habit_counted``): the habit's stated count includes the invented object, and the
+    planted description lies that invent an object are the habit's own (only then do the pairs change).
     """
     n_eval = max(10, n // 5) if n_eval is None else n_eval
     rng = random.Random(seed)
@@ -96,6 +98,12 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
             f"The correct option is {c['answer']}: {c['options']['ABCD'.index(c['answer'])]}."
         ]
 
+    def invent_object(s: Scene, rng: random.Random) -> str:
+        """The SFT habit's description of ``s``: one invented object; counted (habit_counted), the
+        text agrees with itself and only the scene's count or the object's place refutes it."""
+        objs = with_absent_object(s, s.objects, rng, present=habit_object == "present")
+        return s.describe(objs, len(objs) if habit_counted else len(s.objects))
+
     def item(s, spec):
         a = answer(spec, s)
         out["items"].append((s, spec, a))
@@ -118,8 +126,8 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
         q, a = item(s, make_spec("holistic", s, r))
         h = random.Random(f"{seed}-habit-{s.id}")  # its own stream: habit=0 leaves every record as it was
         if habit > 0 and h.random() < habit:
-            # one invented object; the count stays the scene's: the lie is the detail, as in LLaVA's data
-            a = s.describe(with_absent_object(s, s.objects, h, present=habit_object == "present"), len(s.objects))
+            # one invented object (counted or not, habit_counted): the lie is the detail, as in LLaVA's data
+            a = invent_object(s, h)
             out["habit"].append((s, a))
         out["sft"].append({"id": f"{s.id}-desc", "image": s.image, "conversations": _conversation([(q, a)])})
         if k % 25 == 0:
@@ -142,7 +150,12 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
                     spec = make_exists_spec(s, r, present=r.random() < 0.5)
                 good = answer(spec, s)
                 halluc = r.random() < 0.75 or qtype(spec).yesno or spec["type"] == "choice"
-                if halluc:
+                if halluc and habit > 0 and habit_counted and spec["type"] == "describe" and r.random() < 0.5:
+                    # the SFT's own habit among the planted lies, as the paper's raters flag the
+                    # hallucinations of the SFT model's own samples
+                    bad, kind = invent_object(s, r), "absent_object"
+                    out["planted"].append((s, spec, bad, kind))
+                elif halluc:
                     bad, kind = hallucinate(spec, s, r)
                     out["planted"].append((s, spec, bad, kind))
                 else:
@@ -287,7 +300,7 @@ def _dump(path: Path, obj) -> None:
 
 
 def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Optional[int] = None,
-                  habit: float = 0.0, habit_object: str = "absent") -> dict:
+                  habit: float = 0.0, habit_object: str = "absent", habit_counted: bool = False) -> dict:
     """Write a ShapesWorld dataset (LLaVA-RLHF formats) into ``out_dir``; returns counts/paths.
 
     Files: sft.json, preference.json, preference_eval.json, image_to_caption.json, ppo_prompts.json,
@@ -297,7 +310,7 @@ def write_dataset(out_dir, n: int, seed: int, image_size: int = 48, n_eval: Opti
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
-    data = build(n, seed, n_eval, habit, habit_object)
+    data = build(n, seed, n_eval, habit, habit_object, habit_counted)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     for s in data["scenes"]:
