@@ -107,6 +107,60 @@ def test_summary_and_tables_on_hand_made_results(tmp_path):
     assert png is not None and png.stat().st_size > 10_000
 
 
+def test_rated_pairs_and_rm_fit_in_the_summary_tables_and_acceptance_worked_by_hand(tmp_path):
+    """Each seed's RMs on the policies' own samples: per source mean ± std over seeds, the mean over the
+    three sources per seed, an acceptance check on it; each RM's fit on its training batches."""
+    r = _results()
+    for arm, accs in (("vanilla", (0.9, 0.7)), ("fact", (0.95, 0.85))):
+        for seed, a in zip(("0", "1"), accs):
+            r["arms"][arm][seed]["rm_train_accuracy"] = a
+    src = lambda f, p, v, fa: {"faithful": f, "pairs": p, "vanilla": v, "fact": fa, "by_kind": {}}  # noqa: E731
+    r["rated"] = {"0": {"sft": src(0.2, 10, 0.8, 0.9), "vanilla": src(0.1, 4, 0.2, 0.9), "fact": src(0.5, 6, 0.5, 0.6)},
+                  "1": {"sft": src(0.3, 20, 0.9, 0.9), "vanilla": src(0.1, 8, 0.4, 1.0), "fact": src(0.4, 6, None, 0.8)}}
+    s = E.summarize(r)
+    assert s["rated"]["sft"]["faithful"]["mean"] == pytest.approx(0.25) and s["rated"]["sft"]["pairs"] == 15
+    assert s["rated"]["fact"]["vanilla"] == {"mean": 0.5, "std": 0.0, "n": 1}  # seed 1 scored none
+    # per seed, over the sources scored: vanilla (0.8+0.2+0.5)/3 = 0.5, (0.9+0.4)/2 = 0.65; fact 0.8, 0.9
+    assert s["rated"]["mean"]["vanilla"] == pytest.approx({"mean": 0.575, "std": 0.01125 ** 0.5, "n": 2})
+    assert s["rated"]["mean"]["fact"] == pytest.approx({"mean": 0.85, "std": 0.005 ** 0.5, "n": 2})
+    assert s["rm_train"]["vanilla"] == pytest.approx({"mean": 0.8, "std": 0.02 ** 0.5, "n": 2})
+    checks = {c["check"]: c for c in E.acceptance(s)}
+    on = checks["RM accuracy on the policies' own samples: fact − vanilla > 2 std"]
+    assert on["value"] == pytest.approx(0.275) and on["margin"] == pytest.approx(2 * 0.01125 ** 0.5)
+    assert on["passed"] is True  # 0.275 > 0.212 (twice the larger std, vanilla's)
+    fit = checks[f"both RMs fit their pairs: train accuracy (mean − std) ≥ {E.RM_FIT}"]
+    assert fit["value"] == pytest.approx(0.8 - 0.02 ** 0.5) and fit["passed"] is False  # vanilla 0.659 < 0.8
+    md = E.format_tables({**r, "summary": s})
+    assert "| SFT | 0.250 ± 0.071 | 15 | 0.850 ± 0.071 | 0.900 ± 0.000 |" in md
+    assert "| mean over the three | - | - | 0.575 ± 0.106 | 0.850 ± 0.071 |" in md
+    assert "| train accuracy | 0.800 ± 0.141 | 0.900 ± 0.071 |" in md
+    png = E.plot_experiment(r, tmp_path / "experiment.png")  # the rated panel replaces the held-out one
+    assert png is not None and png.stat().st_size > 10_000
+
+
+def test_rated_pairs_put_a_faithful_sample_above_a_hallucinated_one_of_the_same_prompt():
+    from factrl.trainers.shapesworld.scenes import Obj, Scene
+    from factrl.trainers.shapesworld.scoring import rated_pairs
+
+    scene = Scene("s", "s.png", "white", [Obj("circle", "red", "small", 0, 0), Obj("star", "blue", "large", 1, 1)])
+    item = {"id": "s-chair", "image": "s.png", "question": "Describe the image.",
+            "spec": {"type": "describe", "variant": 0}, "category": "holistic"}
+    true = scene.describe()
+    over = "A white background with 3 shapes: small red circle at the top left, large blue star at the center, " \
+           "small red circle at the bottom."
+    wrong = "A white background with 2 shapes: small red circle at the top left, large blue star at the right."
+    recs = rated_pairs([item, item], [[true, over, true, wrong], [over, wrong]], {"s.png": scene}, per_item=4)
+    # one prompt with one faithful text (duplicates count once) and two hallucinated ones; none for the other
+    assert len(recs) == 2
+    for r in recs:
+        chosen = r["output_1" if r["preference"] == 1 else "output_2"]["value"]
+        rejected = r["output_2" if r["preference"] == 1 else "output_1"]["value"]
+        assert chosen == true and rejected in (over, wrong) and r["hallucination"]
+        assert r["false_kinds"] == (["count", "obj"] if rejected == over else ["obj"])
+    assert {r["output_1"]["value"] for r in recs} | {r["output_2"]["value"] for r in recs} == {true, over, wrong}
+    assert len(rated_pairs([item], [[true, over, wrong]], {"s.png": scene}, per_item=1)) == 1
+
+
 def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
     """rm_eval: held-out pairs (in load order, one dropped as too long) joined to their records'
     question_type by id; ids default to the record index, as the loaders do."""
@@ -142,7 +196,7 @@ def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
 MICRO = [*MICRO_MODEL, "data.shapes_n=48", "sft.max_steps=6", "rm.max_steps=3", "rm.eval_every=0",
          "ppo.rollout_batch_size=16", "ppo.rollout_chunk_size=16", "ppo.step_batch_size=8", "ppo.batch_size=8",
          "ppo.max_response_len=6", "ppo.total_steps=2", "eval.max_items=8", "eval.max_new_tokens=8",
-         "ppo.eval_items=8", "ppo.eval_every=1"]
+         "ppo.eval_items=8", "ppo.eval_every=1", "experiment.rated_items=12", "experiment.rated_samples=4"]
 
 
 @pytest.fixture(scope="module")
@@ -252,13 +306,27 @@ def test_experiment_end_to_end_then_skips_what_it_trained(tmp_path):
             rm_cfg = load_config(str(out / f"seed{seed}" / arm / "rm" / "config.yaml"))
             assert rm_cfg.rm.fact_augmented == (arm == "fact")
     assert not (out / "seed3" / "vanilla" / "sft").exists() and (out / "sft" / "final" / "config.json").is_file()
+    # both RMs judged on the SFT's and each policy's own samples, rated by the checker
+    for seed in ("3", "4"):
+        rated = res["rated"][seed]
+        assert set(rated) == {"sft", "vanilla", "fact"}
+        for src, v in rated.items():
+            assert 0.0 <= v["faithful"] <= 1.0
+            pairs = json.loads((out / f"seed{seed}" / "rated" / f"{src}_pairs.json").read_text())
+            assert v["pairs"] == len(pairs) and all(p["hallucination"] for p in pairs)
+            if pairs:
+                assert all(0.0 <= v[arm] <= 1.0 for arm in ("vanilla", "fact"))
+    for arm in ("vanilla", "fact"):
+        assert all(0.0 <= run["rm_train_accuracy"] <= 1.0 for run in res["arms"][arm].values())
     table = (out / "table.md").read_text()
-    for label in ("hallucination rate (MMHal)", "by MMHal category", "by question type", "Fact-RLHF"):
+    for label in ("hallucination rate (MMHal)", "by MMHal category", "by question type", "Fact-RLHF",
+                  "own samples", "own training batches"):
         assert label in table
     assert (out / "experiment.png").stat().st_size > 10_000
 
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stdout.count("exists, skipping") == 1 + 2 * 2 * 2  # SFT, then RM and PPO per seed and arm
-    assert r2.stdout.count("reading it back") == 1 + 2 * 2 and "=== " not in r2.stdout
+    # the SFT's and each arm's evaluation, and each seed's rated pairs
+    assert r2.stdout.count("reading it back") == 1 + 2 * 2 + 2 and "=== " not in r2.stdout
     assert json.loads((out / "results.json").read_text()) == res

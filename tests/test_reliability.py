@@ -93,12 +93,15 @@ def test_1_a_world_generated_with_other_settings_is_not_used_in_their_place(tmp_
     from factrl.trainers.data import DataError
     from factrl.trainers.embedded import ensure_dataset
 
-    args = [f"data.root={tmp_path}/data", f"run.out_dir={tmp_path}", "data.shapes_n=8"]
+    args = [f"data.root={tmp_path}/data", f"run.out_dir={tmp_path}", "data.shapes_n=8",
+            "data.shapes_habit_object=absent", "data.shapes_habit_counted=false"]
     ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5"]))
     sft = (tmp_path / "data" / "sft.json").read_bytes()
     ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5"]))  # the same world: reused
     with pytest.raises(DataError, match=r"shapes_habit=0.5 \(asked: 0.0\)"):
-        ensure_dataset(load_config("tiny", args))
+        ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0"]))
+    with pytest.raises(DataError, match=r"shapes_habit_counted=False \(asked: True\)"):
+        ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5", "data.shapes_habit_counted=true"]))
     with pytest.raises(DataError, match=r"shapes_habit_object='absent' \(asked: 'present'\)"):
         ensure_dataset(load_config("tiny", args + ["data.shapes_habit=0.5", "data.shapes_habit_object=present"]))
     assert (tmp_path / "data" / "sft.json").read_bytes() == sft  # nothing rewritten

@@ -7,7 +7,8 @@ import torch
 from micro import MICRO_MODEL
 
 # the policy base: the shared micro model, 48 px / 16 px patches = 9 image tokens
-POLICY = [*MICRO_MODEL, "model.tiny.vision_pretrain_steps=0", "data.shapes_n=48"]
+POLICY = [*MICRO_MODEL, "model.tiny.vision_pretrain_steps=0", "data.shapes_n=48",
+          "data.shuffle_captions=true"]  # the recipe's caption shuffle, which the RM score below reproduces
 # the reward base: wider and deeper, its own tower (wider, one layer) at 32 px / 8 px = 16 image tokens
 REWARD_TINY = dict(hidden_size=48, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=96,
                    vision_hidden_size=48, vision_layers=1, vision_heads=2, image_size=32, patch_size=8)

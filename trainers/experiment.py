@@ -455,7 +455,18 @@ def plot_experiment(results: dict, png: Path) -> Optional[Path]:
         ax.set_title(title)
         ax.set_xlabel("PPO step")
     axes[1][0].legend(fontsize=7)
-    dots(axes[1][3], "rm_accuracy", "RM held-out accuracy ↑ (the arm's RM)")
+    if results.get("rated"):  # both RMs on each source's own samples, every seed a dot
+        ax = axes[1][3]
+        for x, (src, name) in enumerate(COLUMNS):
+            for j, arm in enumerate(ARMS):
+                ys = [r[src][arm] for r in results["rated"].values() if r.get(src, {}).get(arm) is not None]
+                ax.scatter([x + (j - 0.5) * 0.3] * len(ys), ys, color=colors[arm], alpha=0.7,
+                           label=f"{names[arm].split('-')[0]} RM" if x == 0 else None)
+        ax.set_xticks(range(len(COLUMNS)), [f"{name}'s" for _, name in COLUMNS])
+        ax.set_title("RM accuracy on the policies' own samples ↑")
+        ax.legend(fontsize=7)
+    else:
+        dots(axes[1][3], "rm_accuracy", "RM held-out accuracy ↑ (the arm's RM)")
     fig.suptitle(f"vanilla RLHF vs Fact-RLHF, seeds {', '.join(str(s) for s in results['seeds'])}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
