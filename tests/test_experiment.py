@@ -115,8 +115,9 @@ def test_rated_pairs_and_rm_fit_in_the_summary_tables_and_acceptance_worked_by_h
         for seed, a in zip(("0", "1"), accs):
             r["arms"][arm][seed]["rm_train_accuracy"] = a
     src = lambda f, p, v, fa: {"faithful": f, "pairs": p, "vanilla": v, "fact": fa, "by_kind": {}}  # noqa: E731
-    r["rated"] = {"0": {"sft": src(0.2, 10, 0.8, 0.9), "vanilla": src(0.1, 4, 0.2, 0.9), "fact": src(0.5, 6, 0.5, 0.6)},
-                  "1": {"sft": src(0.3, 20, 0.9, 0.9), "vanilla": src(0.1, 8, 0.4, 1.0), "fact": src(0.4, 6, None, 0.8)}}
+    r["rated"] = {
+        "0": {"sft": src(0.2, 10, 0.8, 0.9), "vanilla": src(0.1, 4, 0.2, 0.9), "fact": src(0.5, 6, 0.5, 0.6)},
+        "1": {"sft": src(0.3, 20, 0.9, 0.9), "vanilla": src(0.1, 8, 0.4, 1.0), "fact": src(0.4, 6, None, 0.8)}}
     s = E.summarize(r)
     assert s["rated"]["sft"]["faithful"]["mean"] == pytest.approx(0.25) and s["rated"]["sft"]["pairs"] == 15
     assert s["rated"]["fact"]["vanilla"] == {"mean": 0.5, "std": 0.0, "n": 1}  # seed 1 scored none
