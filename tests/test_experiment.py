@@ -150,7 +150,9 @@ def test_rated_pairs_put_a_faithful_sample_above_a_hallucinated_one_of_the_same_
     over = "A white background with 3 shapes: small red circle at the top left, large blue star at the center, " \
            "small red circle at the bottom."
     wrong = "A white background with 2 shapes: small red circle at the top left, large blue star at the right."
-    recs = rated_pairs([item, item], [[true, over, true, wrong], [over, wrong]], {"s.png": scene}, per_item=4)
+    recs, faithful = rated_pairs([item, item], [[true, over, true, wrong], [over, wrong]], {"s.png": scene},
+                                 per_item=4)
+    assert faithful == pytest.approx(2 / 6)  # every sample counts, duplicates too
     # one prompt with one faithful text (duplicates count once) and two hallucinated ones; none for the other
     assert len(recs) == 2
     for r in recs:
@@ -159,7 +161,7 @@ def test_rated_pairs_put_a_faithful_sample_above_a_hallucinated_one_of_the_same_
         assert chosen == true and rejected in (over, wrong) and r["hallucination"]
         assert r["false_kinds"] == (["count", "obj"] if rejected == over else ["obj"])
     assert {r["output_1"]["value"] for r in recs} | {r["output_2"]["value"] for r in recs} == {true, over, wrong}
-    assert len(rated_pairs([item], [[true, over, wrong]], {"s.png": scene}, per_item=1)) == 1
+    assert len(rated_pairs([item], [[true, over, wrong]], {"s.png": scene}, per_item=1)[0]) == 1
 
 
 def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):

@@ -191,7 +191,7 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
     gen = torch.Generator(device=device).manual_seed(seed)
     scenes = load_scenes(root / "scenes.json")
     repeated = [it for it in items for _ in range(e.rated_samples)]
-    files, faithful = {}, {}
+    files, records, faithful = {}, {}, {}
     for src in SOURCES:
         sample = make_generate_fn(model, tok, a.images, a.num_image_tokens, None if src == "sft" else f"policy_{src}",
                                   c.ppo.max_response_len, device, c.data.system_prompt,
@@ -199,10 +199,9 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
         n = c.ppo.rollout_chunk_size  # sequences generated at once, as in PPO's rollouts
         texts = [t for k in range(0, len(repeated), n) for t in sample(repeated[k:k + n])]
         per_item = [texts[i * e.rated_samples:(i + 1) * e.rated_samples] for i in range(len(items))]
-        recs = rated_pairs(items, per_item, scenes, seed=seed)
-        faithful[src] = sum(not r["hallucination"] for r in _checked(items, per_item, scenes)) / max(1, len(texts))
+        records[src], faithful[src] = rated_pairs(items, per_item, scenes, seed=seed)
         files[src] = d / f"{src}_pairs.json"
-        write_atomic(files[src], json.dumps(recs, indent=1) + "\n")
+        write_atomic(files[src], json.dumps(records[src], indent=1) + "\n")
     captions = load_captions(root / c.data.captions_file)
     right: dict = {}  # (arm, source) -> {pair id: the RM prefers the faithful sample}
     for arm, lay in layouts.items():
@@ -216,8 +215,8 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
             right[arm, src] = {p.id: rc > rr for p, (rc, rr, _) in zip(pairs, triples)}
     acc = lambda arm, src, ids: (sum(right[arm, src][i] for i in ids) / len(ids)) if ids else None  # noqa: E731
     result = {}
-    for src, f in files.items():
-        recs = [r for r in json.loads(f.read_text()) if all(r["id"] in right[arm, src] for arm in ARMS)]
+    for src in SOURCES:
+        recs = [r for r in records[src] if all(r["id"] in right[arm, src] for arm in ARMS)]
         kinds = sorted({k for r in recs for k in r["false_kinds"] or ["answer"]})
         of = {k: [r["id"] for r in recs if k in (r["false_kinds"] or ["answer"])] for k in kinds}
         ids = [r["id"] for r in recs]
@@ -227,12 +226,6 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
     write_atomic(saved, json.dumps({"settings": [e.rated_items, e.rated_samples, cfg.ppo.temperature],
                                     "result": result}, indent=1) + "\n")
     return result
-
-
-def _checked(items: list[dict], samples: list[list[str]], scenes: dict) -> list[dict]:
-    from factrl.trainers.shapesworld.grammar import check_answer
-
-    return [check_answer(t, it["spec"], scenes[it["image"]]) for it, ts in zip(items, samples) for t in ts]
 
 
 def ppo_curve(metrics: Path) -> list[dict]:
@@ -281,15 +274,10 @@ def summarize(results: dict) -> dict:
                         **{arm: mean_std(dig(r, src, arm) for r in rated) for arm in ARMS}}
                   for src in SOURCES if any(src in r for r in rated)}
     if rated:  # per seed, the RM's accuracy averaged over whose samples (SFT, each policy)
-        on_samples["mean"] = {arm: mean_std(_avg([dig(r, src, arm) for src in SOURCES]) for r in rated)
+        on_samples["mean"] = {arm: mean_std(_mean(mean_std(dig(r, src, arm) for src in SOURCES)) for r in rated)
                               for arm in ARMS}
     return {"rows": rows, "categories": categories, "rm_types": rm_types, "rm_train": rm_train,
             "rated": on_samples}
-
-
-def _avg(xs: list) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def acceptance(summary: dict) -> list[dict]:
@@ -461,7 +449,7 @@ def plot_experiment(results: dict, png: Path) -> Optional[Path]:
             for j, arm in enumerate(ARMS):
                 ys = [r[src][arm] for r in results["rated"].values() if r.get(src, {}).get(arm) is not None]
                 ax.scatter([x + (j - 0.5) * 0.3] * len(ys), ys, color=colors[arm], alpha=0.7,
-                           label=f"{names[arm].split('-')[0]} RM" if x == 0 else None)
+                           label=f"{arm} RM" if x == 0 else None)
         ax.set_xticks(range(len(COLUMNS)), [f"{name}'s" for _, name in COLUMNS])
         ax.set_title("RM accuracy on the policies' own samples ↑")
         ax.legend(fontsize=7)

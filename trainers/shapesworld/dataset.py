@@ -150,13 +150,13 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
                     spec = make_exists_spec(s, r, present=r.random() < 0.5)
                 good = answer(spec, s)
                 halluc = r.random() < 0.75 or qtype(spec).yesno or spec["type"] == "choice"
-                if halluc and habit > 0 and habit_counted and spec["type"] == "describe" and r.random() < 0.5:
-                    # the SFT's own habit among the planted lies, as the paper's raters flag the
-                    # hallucinations of the SFT model's own samples
-                    bad, kind = invent_object(s, r), "absent_object"
-                    out["planted"].append((s, spec, bad, kind))
-                elif halluc:
-                    bad, kind = hallucinate(spec, s, r)
+                if halluc:
+                    if habit > 0 and habit_counted and spec["type"] == "describe" and r.random() < 0.5:
+                        # the SFT's own habit among the planted lies, as the paper's raters flag the
+                        # hallucinations of the SFT model's own samples
+                        bad, kind = invent_object(s, r), "absent_object"
+                    else:
+                        bad, kind = hallucinate(spec, s, r)
                     out["planted"].append((s, spec, bad, kind))
                 else:
                     bad = less_helpful(spec, s, r)

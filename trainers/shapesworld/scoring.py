@@ -168,29 +168,32 @@ def run_eval(
 
 
 def rated_pairs(items: list[dict], samples: list[list[str]], scenes: dict[str, Scene], per_item: int = 4,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0) -> tuple[list[dict], float]:
     """Preference records (the RM files' format) from a policy's own samples, rated by the checker:
     for each item, up to ``per_item`` pairs (faithful sample, hallucinated sample), distinct texts,
     the faithful one preferred, in random order — as the paper's human raters compare two of the SFT
     model's own responses. ``items`` are eval items (image, question, spec), ``samples[i]`` the
     responses drawn for ``items[i]``. Each record also carries ``false_kinds``: the kinds of the
-    rejected sample's false claims (not text)."""
+    rejected sample's false claims (not text). Returns (records, share of all samples that are faithful)."""
     import random
 
+    from .dataset import _conversation
+
     rng = random.Random(seed)
-    out = []
+    out, n_faithful, n = [], 0, 0
     for it, texts in zip(items, samples):
         scene = scenes[it["image"]]
         checked = {t: check_answer(t, it["spec"], scene) for t in dict.fromkeys(texts)}
+        n_faithful += sum(not checked[t]["hallucination"] for t in texts)
+        n += len(texts)
         good = [t for t, c in checked.items() if not c["hallucination"]]
         bad = [t for t, c in checked.items() if c["hallucination"]]
         combos = [(g, b) for g in good for b in bad]
         for g, b in rng.sample(combos, min(per_item, len(combos))):
             pref = rng.choice((1, 2))
             out.append({"id": f"{it['id']}-rated{len(out)}", "image": it["image"],
-                        "conversations": [{"from": "human", "value": "<image>\n" + it["question"]},
-                                          {"from": "gpt", "value": g}],
+                        "conversations": _conversation([(it["question"], g)]),
                         "output_1": {"value": g if pref == 1 else b}, "output_2": {"value": b if pref == 1 else g},
                         "preference": pref, "hallucination": True, "question_type": it.get("category", ""),
                         "false_kinds": sorted({c[0] for c in checked[b]["false_claims"]})})
-    return out
+    return out, n_faithful / max(1, n)
