@@ -107,6 +107,36 @@ def test_summary_and_tables_on_hand_made_results(tmp_path):
     assert png is not None and png.stat().st_size > 10_000
 
 
+def test_rm_accuracy_on_the_question_types_it_trained_on_pooled_and_checked_by_hand():
+    """rm.question_types set: each seed's RM accuracy on the held-out hallucination pairs of those types,
+    pooled by pair count, mean ± std over seeds, and an acceptance check on it (fact − vanilla)."""
+    r = {**_results(), "rm_question_types": ["counting", "choice"]}
+    s = E.summarize(r)
+    # fact: seed 0 (1.0×2 + 0.5×2)/4 = 0.75, seed 1 (0.0×1 + 1.0×2)/3 = 2/3; vanilla: seed 0 1.0 (no
+    # choice pairs), seed 1 none (0 counting hallucination pairs) -> one value, no spread
+    assert s["rm_trained"]["fact"] == pytest.approx({"mean": (0.75 + 2 / 3) / 2, "std": (0.75 - 2 / 3) / 2 ** 0.5,
+                                                     "n": 2})
+    assert s["rm_trained"]["vanilla"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    c = [c for c in E.acceptance(s) if "of its question types (counting, choice)" in c["check"]]
+    assert len(c) == 1 and c[0]["value"] == pytest.approx((0.75 + 2 / 3) / 2 - 1.0) and c[0]["passed"] is None
+    r["arms"]["vanilla"]["1"]["eval"]["rm"]["per_question_type"]["counting"] = \
+        {"accuracy": 0.5, "n": 4, "accuracy_hallucination": 0.5, "n_hallucination": 2}
+    c = [c for c in E.acceptance(E.summarize(r)) if "of its question types" in c["check"]][0]
+    # vanilla 1.0, 0.5: mean 0.75, std 0.354 > fact's: 0.708 − 0.75 < 0, not above 2 × 0.354
+    assert c["margin"] == pytest.approx(2 * 0.5 / 2 ** 0.5) and c["passed"] is False
+    assert "rm_trained" in E.summarize(_results()) and E.summarize(_results())["rm_trained"] is None  # all types
+    # the per-lie table lists the trained types' lies only
+    t = lambda a, n: {"accuracy": a, "n": n}  # noqa: E731
+    for arm, (x, y) in (("vanilla", (1.0, 0.5)), ("fact", (1.0, 1.0))):
+        for seed, acc in (("0", x), ("1", y)):
+            r["arms"][arm][seed]["eval"]["rm"]["per_lie_kind"] = {"counting: habit": t(1.0, 4),
+                                                                  "counting: wrong_count": t(acc, 2),
+                                                                  "spatial: wrong_relation": t(0.5, 3)}
+    md = E.format_tables({**r, "summary": E.summarize(r)})
+    assert "| counting: wrong_count | 2 | 0.750 ± 0.354 | 1.000 ± 0.000 |" in md
+    assert "| counting: habit | 4 | 1.000 ± 0.000 | 1.000 ± 0.000 |" in md and "spatial: wrong_relation" not in md
+
+
 def test_rated_pairs_and_rm_fit_in_the_summary_tables_and_acceptance_worked_by_hand(tmp_path):
     """Each seed's RMs on the policies' own samples: per source mean ± std over seeds, the mean over the
     three sources per seed, an acceptance check on it; each RM's fit on its training batches."""
@@ -170,8 +200,9 @@ def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
     import factrl.trainers.rm as R
     from factrl.trainers import eval_stage
 
-    recs = [{"id": "a", "question_type": "counting"}, {"id": "b", "question_type": "spatial"},
-            {"question_type": "counting"}, {"id": "d"}, {"id": "e", "question_type": "spatial"}]
+    recs = [{"id": "a", "question_type": "counting", "lie_kind": "wrong_count"}, {"id": "b", "question_type": "spatial"},
+            {"question_type": "counting", "lie_kind": "unhelpful"}, {"id": "d"},
+            {"id": "e", "question_type": "spatial", "lie_kind": "wrong_relation"}]
     (tmp_path / "preference_eval.json").write_text(json.dumps(recs))
     cfg = load_config("tiny", [f"data.root={tmp_path}"])
     assert eval_stage.question_types(cfg, tmp_path) == {"a": "counting", "b": "spatial", "2": "counting",
@@ -192,6 +223,10 @@ def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
     assert "accuracy_other_scenes_facts" not in vanilla and vanilla["accuracy"] == 0.75  # it reads no facts
     assert res["per_question_type"] == {"counting": rm_accuracy(triples[1:3]), "spatial": rm_accuracy(triples[:1])}
     assert res["per_question_type"]["counting"]["accuracy"] == 0.5
+    # the same pairs by question type and lie (a record without either is in no group)
+    assert res["per_lie_kind"] == {"counting: unhelpful": rm_accuracy(triples[2:3]),
+                                   "counting: wrong_count": rm_accuracy(triples[1:2]),
+                                   "spatial: wrong_relation": rm_accuracy(triples[:1])}
     assert rm_accuracy_by(triples, [None] * 4) == {}
 
 

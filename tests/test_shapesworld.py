@@ -206,6 +206,10 @@ def test_shapes_habit_counted_states_the_invented_object_in_the_count_and_plants
         assert counted[key] == plain[key], key
     qa = lambda w: [r for r in w["sft"] if not r["id"].endswith("-desc")]  # noqa: E731
     assert qa(counted) == qa(plain)
+    # every pair names what its rejected output gets wrong: the habit's own lie among them
+    lies = {rec["lie_kind"] for rec in counted["preference"] if rec["question_type"] == "holistic"}
+    assert lies == {"habit", "absent_object", "wrong_count", "wrong_attribute", "wrong_relation", "unhelpful"}
+    assert all((rec["lie_kind"] == "unhelpful") == (not rec["hallucination"]) for rec in counted["preference"])
     # without a habit the flag changes nothing
     assert SD.build(100, seed=4, habit_counted=True)["preference"] == SD.build(100, seed=4)["preference"]
 

@@ -575,11 +575,12 @@ def load_ppo_prompts(
 
 
 # ---- question types ---------------------------------------------------------------------------
-def record_question_types(path) -> dict[str, str]:
-    """{record id: question_type} of a preference or PPO file (records without the field left out)."""
+def record_question_types(path, field: str = "question_type") -> dict[str, str]:
+    """{record id: question_type} of a preference or PPO file (records without the field left out);
+    another metadata ``field`` the same way (``lie_kind``: what a planted pair's rejected output lies about)."""
     records = _read_json(Path(path))
-    return {_record_id(r, path, i): str(r["question_type"]) for i, r in enumerate(records)
-            if isinstance(r, dict) and r.get("question_type") is not None}
+    return {_record_id(r, path, i): str(r[field]) for i, r in enumerate(records)
+            if isinstance(r, dict) and r.get(field) is not None}
 
 
 def select_question_types(examples: list, path, types: list, key: str) -> list:
@@ -765,7 +766,7 @@ def collate_prompts(
 
 # ---- tokenizer corpus -------------------------------------------------------------------------
 
-_NON_TEXT_KEYS = {"id", "image", "from", "spec", "split", "category", "label", "type", "question_type"}
+_NON_TEXT_KEYS = {"id", "image", "from", "spec", "split", "category", "label", "type", "question_type", "lie_kind"}
 
 
 def _strings(obj) -> Iterator[str]:

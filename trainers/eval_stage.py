@@ -54,7 +54,9 @@ def make_generate_fn(model, tok, images, num_image_tokens: int, adapter, max_new
 def rm_eval(model, a, cfg: Config, device) -> dict:
     """The reward model's pairwise accuracy on the held-out preference pairs ({} without an RM),
     a fact RM's also with other images' facts (``accuracy_other_scenes_facts``), and
-    ``per_question_type`` when the records carry a ``question_type``."""
+    ``per_question_type`` when the records carry a ``question_type``, ``per_lie_kind`` (keyed
+    "<question type>: <lie kind>") when they also carry a ``lie_kind`` (what the rejected output gets
+    wrong: which lies an RM catches)."""
     from factrl.trainers.rm import ROLE, load_pairs, score_pairs
 
     if ROLE not in model.adapter_state.names:
@@ -72,13 +74,19 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
     types = question_types(cfg, a.data_root)
     if types:  # scored pairs are in load order; pairs dropped as too long are simply absent
         res["per_question_type"] = rm_accuracy_by(triples, [types.get(e.id) for e in held])
+        lies = question_types(cfg, a.data_root, "lie_kind")
+        if lies:  # "<question type>: <lie kind>", e.g. "holistic: wrong_attribute"
+            res["per_lie_kind"] = rm_accuracy_by(
+                triples, [f"{types[e.id]}: {lies[e.id]}" if e.id in types and e.id in lies else None for e in held])
     return res
 
 
-def question_types(cfg: Config, root: Path) -> dict[str, str]:
-    """{record id: question_type} of the file the held-out pairs come from (as ``rm.load_pairs``)."""
+def question_types(cfg: Config, root: Path, field: str = "question_type") -> dict[str, str]:
+    """{record id: question_type (or another metadata ``field``)} of the file the held-out pairs come
+    from (as ``rm.load_pairs``)."""
     name = cfg.data.preference_eval_file
-    return record_question_types(root / (name if name and (root / name).is_file() else cfg.data.preference_file))
+    return record_question_types(root / (name if name and (root / name).is_file() else cfg.data.preference_file),
+                                 field)
 
 
 COLUMNS = ("sft", "ppo", "blind")

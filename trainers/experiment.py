@@ -86,7 +86,8 @@ def run_experiment(cfg: Config) -> dict:
 
     # 2. SFT and the blind baseline on the held-out sets, once
     base = _evaluate(shared, ("sft", "blind"), sft_done, "")
-    results = {"seeds": seeds, "sft": base["sft"], "blind": base.get("blind"), "arms": {a: {} for a in ARMS}}
+    results = {"seeds": seeds, "sft": base["sft"], "blind": base.get("blind"), "arms": {a: {} for a in ARMS},
+               "rm_question_types": list(cfg.rm.question_types)}
 
     # 3. per seed and arm: RM, PPO with the held-out eval hook, the policy (and the RM) evaluated
     for seed in seeds:
@@ -266,6 +267,8 @@ def summarize(results: dict) -> dict:
                       **{arm: mean_std(cat_rate(r, c) for r in rs) for arm, rs in evals.items()}} for c in cats}
     types = sorted({t for rs in evals.values() for r in rs for t in dig(r, "rm", "per_question_type") or {}})
     rm_types = {t: {arm: _rm_type(rs, t) for arm, rs in evals.items()} for t in types}
+    lies = sorted({k for rs in evals.values() for r in rs for k in dig(r, "rm", "per_lie_kind") or {}})
+    rm_lies = {k: {arm: _rm_type(rs, k, "per_lie_kind") for arm, rs in evals.items()} for k in lies}
     rm_train = {arm: mean_std(run.get("rm_train_accuracy") for run in runs.values())
                 for arm, runs in results["arms"].items()}
     rated = list((results.get("rated") or {}).values())
@@ -276,8 +279,19 @@ def summarize(results: dict) -> dict:
     if rated:  # per seed, the RM's accuracy averaged over whose samples (SFT, each policy)
         on_samples["mean"] = {arm: mean_std(_mean(mean_std(dig(r, src, arm) for src in SOURCES)) for r in rated)
                               for arm in ARMS}
-    return {"rows": rows, "categories": categories, "rm_types": rm_types, "rm_train": rm_train,
-            "rated": on_samples}
+    trained = results.get("rm_question_types") or []
+    rm_trained = {arm: mean_std(_pooled_hallucination(r, trained) for r in rs) for arm, rs in evals.items()} \
+        if trained else None
+    return {"rows": rows, "categories": categories, "rm_types": rm_types, "rm_lies": rm_lies, "rm_train": rm_train,
+            "rated": on_samples, "rm_trained": rm_trained, "rm_question_types": trained}
+
+
+def _pooled_hallucination(ev: dict, types: list) -> Optional[float]:
+    """An RM's accuracy on the held-out hallucination pairs of the question ``types`` (pooled)."""
+    per = [dig(ev, "rm", "per_question_type", t) or {} for t in types]
+    n = sum(p.get("n_hallucination") or 0 for p in per)
+    return sum((p.get("accuracy_hallucination") or 0.0) * (p.get("n_hallucination") or 0) for p in per) / n \
+        if n else None
 
 
 def acceptance(summary: dict) -> list[dict]:
@@ -312,6 +326,12 @@ def acceptance(summary: dict) -> list[dict]:
         check(f"{name}: Fact-RLHF − SFT ≥ 0", diff(rows[key]["fact"], rows[key]["sft"]), 0.0, lambda v, m: v >= 0)
     rf, rv = rows["rm_accuracy_hallucination"]["fact"], rows["rm_accuracy_hallucination"]["vanilla"]
     check("RM accuracy on hallucination pairs: fact − vanilla > 2 std", diff(rf, rv), sd(rf, rv), lambda v, m: v > m)
+    tr = summary.get("rm_trained")
+    if tr:  # the same on the question types the RMs were trained on (rm.question_types): the others
+        # are pairs neither RM saw a type of
+        types = ", ".join(summary.get("rm_question_types") or [])
+        check(f"RM accuracy on hallucination pairs of its question types ({types}): fact − vanilla > 2 std",
+              diff(tr["fact"], tr["vanilla"]), sd(tr["fact"], tr["vanilla"]), lambda v, m: v > m)
     on = (summary.get("rated") or {}).get("mean")
     if on:
         check("RM accuracy on the policies' own samples: fact − vanilla > 2 std", diff(on["fact"], on["vanilla"]),
@@ -327,10 +347,10 @@ def acceptance(summary: dict) -> list[dict]:
 RM_FIT = 0.8  # an RM "fits" its pairs when it orders this share of its own training batches right
 
 
-def _rm_type(evals: list[dict], qtype: str) -> dict:
-    """One arm's RM on one question type over seeds: accuracies as mean_std, pair counts as means
-    (a fact RM prompt is longer, so it may drop more pairs as too long than a vanilla one)."""
-    acc = [dig(r, "rm", "per_question_type", qtype) or {} for r in evals]
+def _rm_type(evals: list[dict], qtype: str, key: str = "per_question_type") -> dict:
+    """One arm's RM on one question type (one group of ``key``) over seeds: accuracies as mean_std, pair
+    counts as means (a fact RM prompt is longer, so it may drop more pairs as too long than a vanilla one)."""
+    acc = [dig(r, "rm", key, qtype) or {} for r in evals]
     return {"accuracy": mean_std(a.get("accuracy") for a in acc),
             "accuracy_hallucination": mean_std(a.get("accuracy_hallucination") for a in acc),
             "n": _mean(mean_std(a.get("n") for a in acc)),
@@ -391,6 +411,15 @@ def format_tables(results: dict) -> str:
             rows.append([t, pairs] + [_cell(g.get(key)) for g in got])
         lines += ["", f"## {title}", ""] + _md(["question type", "pairs (vanilla / fact)", "vanilla RM", "fact RM"],
                                               rows)
+    trained = s.get("rm_question_types") or []
+    lies = {k: v for k, v in (s.get("rm_lies") or {}).items() if not trained or k.split(": ")[0] in trained}
+    if lies:
+        lines += ["", "## RM held-out accuracy by what the rejected output gets wrong ↑", "",
+                  "Question types the RMs were trained on" + (f" ({', '.join(trained)})" if trained else "")
+                  + "; habit: the SFT data's own invented object, unhelpful: nothing false, less said.", ""]
+        lines += _md(["question type: lie", "pairs", "vanilla RM", "fact RM"],
+                     [[k, " / ".join(dict.fromkeys(count((v.get(a) or {}).get("n")) for a in ARMS))]
+                      + [_cell((v.get(a) or {}).get("accuracy")) for a in ARMS] for k, v in lies.items()])
     return "\n".join(lines)
 
 

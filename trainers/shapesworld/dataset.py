@@ -154,12 +154,13 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
                     if habit > 0 and habit_counted and spec["type"] == "describe" and r.random() < 0.5:
                         # the SFT's own habit among the planted lies, as the paper's raters flag the
                         # hallucinations of the SFT model's own samples
-                        bad, kind = invent_object(s, r), "absent_object"
+                        bad, kind, lie = invent_object(s, r), "absent_object", "habit"
                     else:
                         bad, kind = hallucinate(spec, s, r)
+                        lie = kind
                     out["planted"].append((s, spec, bad, kind))
                 else:
-                    bad = less_helpful(spec, s, r)
+                    bad, lie = less_helpful(spec, s, r), "unhelpful"
                     out["unhelpful"].append((s, spec, bad))
                 out["items"].append((s, spec, good))
                 pref = 1 if r.random() < 0.5 else 2
@@ -176,6 +177,9 @@ def build(n: int, seed: int, n_eval: Optional[int] = None, habit: float = 0.0,
                         # metadata for the per-type RM table; not text (data._NON_TEXT_KEYS): the tiny
                         # tokenizer, trained on the files' texts, does not change with it
                         "question_type": question_type(spec, s),
+                        # what the rejected output gets wrong (grammar.hallucinate's kind; "habit": the SFT
+                        # data's own invented object; "unhelpful": nothing false, less said): the per-kind RM table
+                        "lie_kind": lie,
                     }
                 )
 
