@@ -200,8 +200,9 @@ def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
     import factrl.trainers.rm as R
     from factrl.trainers import eval_stage
 
-    recs = [{"id": "a", "question_type": "counting", "lie_kind": "wrong_count"}, {"id": "b", "question_type": "spatial"},
-            {"question_type": "counting", "lie_kind": "unhelpful"}, {"id": "d"},
+    recs = [{"id": "a", "question_type": "counting", "lie_kind": "wrong_count"},
+            {"id": "b", "question_type": "spatial"}, {"question_type": "counting", "lie_kind": "unhelpful"},
+            {"id": "d"},
             {"id": "e", "question_type": "spatial", "lie_kind": "wrong_relation"}]
     (tmp_path / "preference_eval.json").write_text(json.dumps(recs))
     cfg = load_config("tiny", [f"data.root={tmp_path}"])
