@@ -400,26 +400,26 @@ def format_tables(results: dict) -> str:
     lines += ["", "## Hallucination rate by MMHal category ↓", ""]
     lines += _md(["category", "items"] + [name for _, name in COLUMNS],
                  [[c, count(v["n"])] + [_cell(v[col]) for col, _ in COLUMNS] for c, v in s["categories"].items()])
-    for key, title, n in (("accuracy", "RM held-out pairwise accuracy by question type ↑", "n"),
-                          ("accuracy_hallucination", "The same on hallucination pairs only ↑", "n_hallucination")):
+    trained = s.get("rm_question_types") or []
+    lies = {k: v for k, v in (s.get("rm_lies") or {}).items() if not trained or k.split(": ")[0] in trained}
+    lie_note = ("Question types the RMs were trained on" + (f" ({', '.join(trained)})" if trained else "")
+                + "; habit: the SFT data's own invented object, unhelpful: nothing false, less said.")
+    for groups, key, title, n, head, note in (
+            (s["rm_types"], "accuracy", "RM held-out pairwise accuracy by question type ↑", "n", "question type", ""),
+            (s["rm_types"], "accuracy_hallucination", "The same on hallucination pairs only ↑", "n_hallucination",
+             "question type", ""),
+            (lies, "accuracy", "RM held-out accuracy by what the rejected output gets wrong ↑", "n",
+             "question type: lie", lie_note)):
         rows = []
-        for t, v in s["rm_types"].items():
+        for t, v in groups.items():
             got = [v.get(arm) or {} for arm in ARMS]
-            if not any(g.get(n) for g in got):  # no pairs of this type (in this subset): omitted
+            if not any(g.get(n) for g in got):  # no pairs of this group (in this subset): omitted
                 continue
             pairs = " / ".join(dict.fromkeys(count(g[n]) for g in got if g.get(n)))  # one number if they agree
             rows.append([t, pairs] + [_cell(g.get(key)) for g in got])
-        lines += ["", f"## {title}", ""] + _md(["question type", "pairs (vanilla / fact)", "vanilla RM", "fact RM"],
-                                              rows)
-    trained = s.get("rm_question_types") or []
-    lies = {k: v for k, v in (s.get("rm_lies") or {}).items() if not trained or k.split(": ")[0] in trained}
-    if lies:
-        lines += ["", "## RM held-out accuracy by what the rejected output gets wrong ↑", "",
-                  "Question types the RMs were trained on" + (f" ({', '.join(trained)})" if trained else "")
-                  + "; habit: the SFT data's own invented object, unhelpful: nothing false, less said.", ""]
-        lines += _md(["question type: lie", "pairs", "vanilla RM", "fact RM"],
-                     [[k, " / ".join(dict.fromkeys(count((v.get(a) or {}).get("n")) for a in ARMS))]
-                      + [_cell((v.get(a) or {}).get("accuracy")) for a in ARMS] for k, v in lies.items()])
+        if rows:
+            lines += ["", f"## {title}", ""] + ([note, ""] if note else [])
+            lines += _md([head, "pairs (vanilla / fact)", "vanilla RM", "fact RM"], rows)
     return "\n".join(lines)
 
 
