@@ -124,7 +124,7 @@ def test_rm_accuracy_on_the_question_types_it_trained_on_pooled_and_checked_by_h
     c = [c for c in E.acceptance(E.summarize(r)) if "of its question types" in c["check"]][0]
     # vanilla 1.0, 0.5: mean 0.75, std 0.354 > fact's: 0.708 − 0.75 < 0, not above 2 × 0.354
     assert c["margin"] == pytest.approx(2 * 0.5 / 2 ** 0.5) and c["passed"] is False
-    assert "rm_trained" in E.summarize(_results()) and E.summarize(_results())["rm_trained"] is None  # all types
+    assert E.summarize(_results())["rm_trained"] is None  # rm.question_types empty: all types
     # the per-lie table lists the trained types' lies only
     t = lambda a, n: {"accuracy": a, "n": n}  # noqa: E731
     for arm, (x, y) in (("vanilla", (1.0, 0.5)), ("fact", (1.0, 1.0))):
@@ -206,8 +206,8 @@ def test_rm_accuracy_by_question_type_joins_on_id(tmp_path, monkeypatch):
             {"id": "e", "question_type": "spatial", "lie_kind": "wrong_relation"}]
     (tmp_path / "preference_eval.json").write_text(json.dumps(recs))
     cfg = load_config("tiny", [f"data.root={tmp_path}"])
-    assert eval_stage.question_types(cfg, tmp_path) == {"a": "counting", "b": "spatial", "2": "counting",
-                                                        "e": "spatial"}
+    assert eval_stage.held_out_fields(cfg, tmp_path)["question_type"] == {"a": "counting", "b": "spatial",
+                                                                          "2": "counting", "e": "spatial"}
     held = [SimpleNamespace(id=i) for i in ("e", "a", "2", "d")]  # "b" was dropped; "d" has no type
     triples = [(1.0, 0.0, True), (0.0, 1.0, False), (2.0, 1.0, True), (1.0, 0.0, None)]
     other = [SimpleNamespace(id=i) for i in ("e", "a", "2", "d")]  # the same pairs, other images' facts

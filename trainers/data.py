@@ -575,12 +575,13 @@ def load_ppo_prompts(
 
 
 # ---- question types ---------------------------------------------------------------------------
-def record_question_types(path, field: str = "question_type") -> dict[str, str]:
-    """{record id: question_type} of a preference or PPO file (records without the field left out);
-    another metadata ``field`` the same way (``lie_kind``: what a planted pair's rejected output lies about)."""
+def record_fields(path, fields=("question_type",)) -> dict[str, dict[str, str]]:
+    """{field: {record id: value}} of a preference or PPO file's metadata ``fields`` (``question_type``;
+    ``lie_kind``: what a planted pair's rejected output lies about), the file read once; records
+    without a field are left out of its map."""
     records = _read_json(Path(path))
-    return {_record_id(r, path, i): str(r[field]) for i, r in enumerate(records)
-            if isinstance(r, dict) and r.get(field) is not None}
+    return {f: {_record_id(r, path, i): str(r[f]) for i, r in enumerate(records)
+                if isinstance(r, dict) and r.get(f) is not None} for f in fields}
 
 
 def select_question_types(examples: list, path, types: list, key: str) -> list:
@@ -589,7 +590,7 @@ def select_question_types(examples: list, path, types: list, key: str) -> list:
     the field, or a selection that keeps nothing."""
     if not types:
         return examples
-    qt = record_question_types(path)
+    qt = record_fields(path)["question_type"]
     for e in examples:
         if e.id not in qt:
             raise DataError(path, e.id, "question_type", f"missing: {key}={list(types)} selects by it")

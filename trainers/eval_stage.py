@@ -19,7 +19,7 @@ import torch
 
 from factrl.trainers import benchmarks as bench
 from factrl.trainers.config import Config, ConfigError
-from factrl.trainers.data import SYSTEM_PROMPT, image_loader, pad, pad_mask, record_question_types, render_query
+from factrl.trainers.data import SYSTEM_PROMPT, image_loader, pad, pad_mask, record_fields, render_query
 from factrl.trainers.metrics import format_table, rm_accuracy, rm_accuracy_by
 from factrl.trainers.run import RunLayout
 from factrl.trainers.setup import Assets, load_assets
@@ -71,22 +71,21 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
         res["accuracy_other_scenes_facts"] = rm_accuracy(score_pairs(
             model, other, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
             cfg.rm.score_pool))["accuracy"]
-    types = question_types(cfg, a.data_root)
+    meta = held_out_fields(cfg, a.data_root, ("question_type", "lie_kind"))
+    types, lies = meta["question_type"], meta["lie_kind"]
     if types:  # scored pairs are in load order; pairs dropped as too long are simply absent
         res["per_question_type"] = rm_accuracy_by(triples, [types.get(e.id) for e in held])
-        lies = question_types(cfg, a.data_root, "lie_kind")
         if lies:  # "<question type>: <lie kind>", e.g. "holistic: wrong_attribute"
             res["per_lie_kind"] = rm_accuracy_by(
                 triples, [f"{types[e.id]}: {lies[e.id]}" if e.id in types and e.id in lies else None for e in held])
     return res
 
 
-def question_types(cfg: Config, root: Path, field: str = "question_type") -> dict[str, str]:
-    """{record id: question_type (or another metadata ``field``)} of the file the held-out pairs come
-    from (as ``rm.load_pairs``)."""
+def held_out_fields(cfg: Config, root: Path, fields=("question_type",)) -> dict[str, dict[str, str]]:
+    """{field: {record id: value}} (``data.record_fields``) of the file the held-out pairs come from
+    (as ``rm.load_pairs``)."""
     name = cfg.data.preference_eval_file
-    return record_question_types(root / (name if name and (root / name).is_file() else cfg.data.preference_file),
-                                 field)
+    return record_fields(root / (name if name and (root / name).is_file() else cfg.data.preference_file), fields)
 
 
 COLUMNS = ("sft", "ppo", "blind")
