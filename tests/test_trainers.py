@@ -277,6 +277,14 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path, monkeypatch
     cfg = json.loads((out / "rm" / "reward_adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and (out / "rm" / "reward_adapter" / "heads.safetensors").is_file()
     assert (out / "rm" / "config.yaml").is_file()
+    assert "facts_lm" not in rows[0]  # rm.facts_lm_coef 0: the recipe's loss alone
+    # rm.facts_lm_coef: the LM term on the chosen row's facts is logged and lowers the training loss
+    # it is part of (8 steps of one micro-batch, lr as the test config's)
+    lm = tmp_path / "lm"
+    train_rm(micro_cfg(shared_data, lm, "rm.max_steps=8", "rm.facts_lm_coef=1.0", "rm.eval_every=-1",
+                       f"rm.base={out}/sft/final"))
+    fl = [r["facts_lm"] for r in read_metrics(lm / "rm" / "metrics.jsonl")]
+    assert len(fl) == 8 and all(math.isfinite(v) and v > 0 for v in fl) and fl[-1] < fl[0]
     # vanilla RM trains too (replacing the first RM's results: asked for)
     res2 = train_rm(micro_cfg(shared_data, out, "rm.fact_augmented=false", "rm.max_steps=2", "run.overwrite=true"))
     assert res2["fact_augmented"] is False
@@ -365,6 +373,35 @@ def test_rm_score_pools_hand_worked_and_the_adapter_remembers_its_pool(tmp_path)
     with pytest.raises(ValueError, match="trained with rm.score_pool=mean"):
         R.check_score_pool(tmp_path, "last")
     R.check_score_pool(tmp_path / "elsewhere", "last")  # an adapter without the file: read as configured
+
+
+def test_suffix_lm_loss_hand_worked():
+    """rm.facts_lm_coef's term: the mean cross-entropy of each row's last ``suffix_len`` real tokens, each
+    predicted from the position before it; padding and the tokens before the suffix are not targets."""
+    import math
+
+    from factrl.trainers import rm as R
+
+    class LM:  # logits(h) = h: the hidden state *is* the next-token logit vector (vocab 3)
+        def logits(self, hidden):
+            return hidden
+
+    lg = math.log
+    # row 0: 4 real tokens + 1 pad, suffix 2 -> targets ids[2] (from h[1]) and ids[3] (from h[2])
+    # row 1: 5 real tokens, suffix 1 -> target ids[4] (from h[3]); row 2: suffix 0 -> no target, loss 0
+    ids = torch.tensor([[0, 1, 2, 1, 0], [2, 2, 0, 1, 2], [1, 1, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    h = torch.zeros(3, 5, 3)
+    h[0, 1] = torch.tensor([0.0, 0.0, lg(2.0)])  # p(2) = 2/4 -> CE log 2
+    h[0, 2] = torch.tensor([lg(3.0), 0.0, 0.0])  # p(1) = 1/5 -> CE log 5
+    h[0, 3] = torch.tensor([9.0, -9.0, -9.0])  # predicts the pad: never a target
+    h[1, 3] = torch.tensor([0.0, 0.0, lg(7.0)])  # p(2) = 7/9 -> CE log 9/7
+    h[1, 0] = torch.tensor([-9.0, -9.0, 9.0])  # before the suffix: not read
+    got = R.suffix_lm_loss(LM(), h, ids, mask, torch.tensor([2, 1, 0]))
+    torch.testing.assert_close(got, torch.tensor([(lg(2) + lg(5)) / 2, lg(9 / 7), 0.0]))
+    # a suffix as long as the row: token 0 has no predictor, so targets start at 1
+    whole = R.suffix_lm_loss(LM(), torch.zeros(1, 3, 3), ids[:1, :3], mask[:1, :3], torch.tensor([3]))
+    torch.testing.assert_close(whole, torch.tensor([lg(3.0)]))
 
 
 # ---- DeepSpeed ZeRO (run.distributed=deepspeed), two gloo processes on CPU ------------------------------

@@ -170,6 +170,14 @@ class RMConfig(TrainLoopConfig):
     # held-out pairs stay all, so the per-type accuracy table still covers every type
     question_types: list = field(default_factory=list)
     mean_reward_penalty: float = 0.0  # coef x |mean(r_chosen + r_rejected)|: keeps rewards near 0 (recipe: 1e-3)
+    # Coef x a language-model loss on the RM prompt after the *chosen* response (its facts and the
+    # template's fixed text: mean cross-entropy per token), added to the Bradley–Terry loss. 0 = the
+    # recipe's loss alone (RLHF/models/reward_model.py, RewardModelTrainer.compute_loss: BCE on
+    # r_1 − r_0 + 1e-3·|mean reward|). A pretrained LLM reads a caption against the response before it;
+    # the tiny decoder, trained from scratch on image questions, never had to, and its fact RM ignored
+    # the object lines. Predicting each caption from the faithful response it follows teaches the
+    # reward adapter that reading (README, session 17). A vanilla RM's suffix is the template alone
+    facts_lm_coef: float = 0.0
     # How the scalar head is read (RM training, PPO and eval alike; written beside the adapter and
     # checked): last = at the last token (the recipe) | mean = averaged over every real token
     score_pool: str = "last"
@@ -599,6 +607,7 @@ def validate_config(cfg: Config) -> None:
     need("sft.mode", cfg.sft.mode in ("full", "qlora"), "expected full | qlora")
     need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
     need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
+    need("rm.facts_lm_coef", cfg.rm.facts_lm_coef >= 0, "expected >= 0")
     need("rm.score_pool", cfg.rm.score_pool in ("last", "mean"), "expected last or mean")
     p = cfg.ppo
     # ppo.init_adapter / ppo.reward_base are checked when PPO starts: `factrl plan` takes them as

@@ -104,6 +104,7 @@ class PreferenceExample:
     image: Optional[str]
     hallucination: Optional[bool]
     id: str
+    chosen_suffix_len: int = 0  # tokens of chosen_ids after the response's EOS: the RM prompt (facts + template)
 
 
 @dataclass
@@ -495,12 +496,14 @@ def load_preferences(
         return [complete(*p) for p in partial]
 
     def complete(prefix, texts, pref, img, h, rid):
-        ids1, ids2 = (prefix + encode_segment(tokenizer, out, 0) + [tokenizer.eos_token_id]
-                      + encode_segment(tokenizer, prompt, 0) for out, prompt in texts)
+        suffix = [encode_segment(tokenizer, prompt, 0) for _, prompt in texts]
+        ids1, ids2 = (prefix + encode_segment(tokenizer, out, 0) + [tokenizer.eos_token_id] + sfx
+                      for (out, _), sfx in zip(texts, suffix))
         if max(len(ids1), len(ids2)) > max_len:
             return None
         chosen, rejected = (ids1, ids2) if pref == 1 else (ids2, ids1)
-        return PreferenceExample(chosen_ids=chosen, rejected_ids=rejected, image=img, hallucination=h, id=rid)
+        return PreferenceExample(chosen_ids=chosen, rejected_ids=rejected, image=img, hallucination=h, id=rid,
+                                 chosen_suffix_len=len(suffix[pref - 1]))
 
     return _load(path, skip_bad, one, finish)
 
@@ -731,7 +734,8 @@ def collate_preferences(
 ) -> dict:
     """chosen_input_ids/chosen_attention_mask and rejected_* (B, T), right-padded to ONE common T
     (so a trainer may concatenate them into 2B rows); pixel_values as in collate_sft (one per
-    example, shared by its two responses); hallucination (B,) long: -1 unknown, 0, 1."""
+    example, shared by its two responses); hallucination (B,) long: -1 unknown, 0, 1;
+    chosen_suffix_len (B,) long: the chosen row's RM-prompt tokens after its response."""
     c = [e.chosen_ids for e in examples]
     r = [e.rejected_ids for e in examples]
     T = max(len(s) for s in c + r)
@@ -745,6 +749,7 @@ def collate_preferences(
         "hallucination": torch.tensor(
             [-1 if e.hallucination is None else int(e.hallucination) for e in examples]
         ),
+        "chosen_suffix_len": torch.tensor([e.chosen_suffix_len for e in examples]),
     }
 
 

@@ -4,8 +4,9 @@ The SFT checkpoint, quantized to NF4, carries a ``reward`` LoRA adapter and a sc
 at the last token of the RM prompt: conversation + response + (with ``fact_augmented``) the
 image's captions / multiple-choice truth, ending at "...the quality score of my last response
 is". Loss: Bradley–Terry, BCE-with-logits on r(chosen) − r(rejected), plus an optional small
-penalty keeping the mean reward near 0. Output: ``<out>/rm/reward_adapter`` in PEFT format
-with the head beside it.
+penalty keeping the mean reward near 0 and (``rm.facts_lm_coef``, not the recipe's) a language-model
+loss on the chosen row's RM prompt: its facts predicted from the response before them. Output:
+``<out>/rm/reward_adapter`` in PEFT format with the head beside it.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def check_score_pool(adapter_dir, pool: str) -> None:
                              f"the config says {pool}; set rm.score_pool={trained}")
 
 
-def pair_rewards(model, b: dict, pool: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected) ``[B]``: both responses in one ``[2B, T]`` pass, image features once."""
+def pair_rewards(model, b: dict, pool: str = "last", with_hidden: bool = False):
+    """(r_chosen, r_rejected) ``[B]``: both responses in one ``[2B, T]`` pass, image features once;
+    ``with_hidden``: also the chosen rows' hidden states ``[B, T, H]`` (for ``suffix_lm_loss``)."""
     ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
     mask = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])
     feats = None
@@ -91,7 +93,23 @@ def pair_rewards(model, b: dict, pool: str = "last") -> tuple[torch.Tensor, torc
         h = model(ids, mask, image_features=feats)
     r = sequence_scores(model, ROLE, h, mask, pool)
     B = b["chosen_input_ids"].shape[0]
-    return r[:B], r[B:]
+    return (r[:B], r[B:], h[:B]) if with_hidden else (r[:B], r[B:])
+
+
+def suffix_lm_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   suffix_len: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each row's last ``suffix_len`` real tokens (right padding):
+    ``[B]`` fp32, 0 for a row without any. hidden ``[B, T, H]``, input_ids/attention_mask ``[B, T]``,
+    suffix_len ``[B]``. The LM head runs on the predicting positions only (never ``[B, T, vocab]``)."""
+    n = attention_mask.long().sum(-1)  # (B,) real tokens
+    first = (n - suffix_len.to(n.device)).clamp(min=1)  # first target; token 0 has no predictor
+    t = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None]  # target positions 1..T-1
+    target = (t >= first[:, None]) & (t < n[:, None])  # (B, T-1)
+    logits = model.logits(hidden[:, :-1][target]).float()  # (N, V): position t-1 predicts token t
+    ce = F.cross_entropy(logits, input_ids[:, 1:][target], reduction="none")  # (N,)
+    rows = target.nonzero()[:, 0]
+    total = torch.zeros(input_ids.shape[0], device=ce.device).index_add(0, rows, ce)
+    return total / target.sum(-1).clamp(min=1)
 
 
 def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False,
@@ -179,14 +197,22 @@ def train_rm(cfg: Config) -> dict:
     def count(b):
         return float(b["chosen_input_ids"].shape[0])
 
+    lm_coef = cfg.rm.facts_lm_coef
+
     def loss_fn(b, norm):
         with autocast(device, cfg.model.dtype):
-            rc, rr = pair_rewards(model, b, cfg.rm.score_pool)
+            rc, rr, *h = pair_rewards(model, b, cfg.rm.score_pool, with_hidden=lm_coef > 0)
+            lm = suffix_lm_loss(model, h[0], b["chosen_input_ids"], b["chosen_attention_mask"],
+                                b["chosen_suffix_len"]) if h else None
         loss = F.binary_cross_entropy_with_logits(rc - rr, torch.ones_like(rc), reduction="sum")
         if cfg.rm.mean_reward_penalty > 0:
             # the original's |mean(r_0 + r_1)| x coef (RLHF/models/reward_model.py:315), per micro-batch
             loss = loss + cfg.rm.mean_reward_penalty * (rc + rr).sum().abs()
-        return loss / norm, {"acc": float((rc > rr).float().sum()) / norm}
+        logs = {"acc": float((rc > rr).float().sum()) / norm}
+        if lm is not None:  # rm.facts_lm_coef: the facts read against the chosen response (a departure)
+            loss = loss + lm_coef * lm.sum()
+            logs["facts_lm"] = float(lm.detach().sum()) / norm
+        return loss / norm, logs
 
     def eval_fn(step):
         return evaluate_pairs(model, held, cfg.eval.batch_size, tok.pad_token_id, a.images, device, cfg.rm.score_pool)
