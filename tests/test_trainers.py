@@ -277,14 +277,18 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path, monkeypatch
     cfg = json.loads((out / "rm" / "reward_adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and (out / "rm" / "reward_adapter" / "heads.safetensors").is_file()
     assert (out / "rm" / "config.yaml").is_file()
-    assert "facts_lm" not in rows[0]  # rm.facts_lm_coef 0: the recipe's loss alone
-    # rm.facts_lm_coef: the LM term on the chosen row's facts is logged and lowers the training loss
-    # it is part of (8 steps of one micro-batch, lr as the test config's)
-    lm = tmp_path / "lm"
-    train_rm(micro_cfg(shared_data, lm, "rm.max_steps=8", "rm.facts_lm_coef=1.0", "rm.eval_every=-1",
-                       f"rm.base={out}/sft/final"))
-    fl = [r["facts_lm"] for r in read_metrics(lm / "rm" / "metrics.jsonl")]
-    assert len(fl) == 8 and all(math.isfinite(v) and v > 0 for v in fl) and fl[-1] < fl[0]
+    assert "facts_lm" in rows[0]  # the tiny preset's rm.facts_lm_coef (1.0)
+    # rm.facts_lm_coef: the LM term on the chosen row's facts is logged and falls over 8 steps; at 0
+    # it is not computed (the recipe's loss alone)
+    for coef in (1.0, 0.0):
+        lm = tmp_path / f"lm{coef}"
+        train_rm(micro_cfg(shared_data, lm, "rm.max_steps=8", f"rm.facts_lm_coef={coef}", "rm.eval_every=-1",
+                           f"rm.base={out}/sft/final"))
+        fl = [r.get("facts_lm") for r in read_metrics(lm / "rm" / "metrics.jsonl")]
+        if coef:
+            assert len(fl) == 8 and all(math.isfinite(v) and v > 0 for v in fl) and fl[-1] < fl[0]
+        else:
+            assert fl == [None] * 8
     # vanilla RM trains too (replacing the first RM's results: asked for)
     res2 = train_rm(micro_cfg(shared_data, out, "rm.fact_augmented=false", "rm.max_steps=2", "run.overwrite=true"))
     assert res2["fact_augmented"] is False
