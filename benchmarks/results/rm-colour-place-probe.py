@@ -52,29 +52,28 @@ def build(root: Path) -> None:
 
 
 def score(sft: str, adapter: str, arm: str, root: Path) -> None:
+    """The RM's accuracy per lie kind on the pairs ``build`` wrote: the RM stage's own loader
+    (``rm.load_pairs``, the preset's template and caption order) and scorer."""
     import torch
 
     from factrl.model.io import load_adapter
     from factrl.trainers.config import load_config
-    from factrl.trainers.data import load_captions, load_preferences
-    from factrl.trainers.rm import score_pairs
+    from factrl.trainers.data import record_fields
+    from factrl.trainers.metrics import rm_accuracy_by
+    from factrl.trainers.rm import load_pairs, score_pairs
     from factrl.trainers.setup import load_assets
 
-    cfg = load_config("tiny", [f"data.root={root}", f"run.out_dir={root.parent}"])
-    a = load_assets(cfg, Path(sft), quantize=True, device=torch.device("cpu"))
+    cfg = load_config("tiny", [f"data.root={root}", f"run.out_dir={root.parent}",
+                               "data.preference_eval_file=diag_pairs.json", f"rm.fact_augmented={arm == 'fact'}"])
+    cpu = torch.device("cpu")
+    a = load_assets(cfg, Path(sft), quantize=True, device=cpu)
     a.model.eval()
     load_adapter(a.model, adapter, "reward", trainable=False)
-    fact = arm == "fact"
-    caps = load_captions(root / "image_to_caption.json") if fact else None
-    pairs = load_preferences(root / "diag_pairs.json", a.tokenizer, a.num_image_tokens, cfg.data.max_seq_len, caps,
-                             fact, template=cfg.data.fact_template, image_folder=str(root / "images"),
-                             system=cfg.data.system_prompt, seed=0, shuffle_captions=False)
-    kinds = {r["id"]: r["lie_kind"] for r in json.loads((root / "diag_pairs.json").read_text())}
-    res: dict = {}
-    for p, (c, r, _) in zip(pairs, score_pairs(a.model, pairs, 64, a.tokenizer.pad_token_id, a.images,
-                                               torch.device("cpu"))):
-        res.setdefault(kinds[p.id], []).append(c > r)
-    print(arm, adapter, {k: (round(sum(v) / len(v), 3), len(v)) for k, v in res.items()}, flush=True)
+    _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
+    triples = score_pairs(a.model, held, 64, a.tokenizer.pad_token_id, a.images, cpu, cfg.rm.score_pool)
+    kinds = record_fields(root / "diag_pairs.json", ("lie_kind",))["lie_kind"]
+    by = rm_accuracy_by(triples, [kinds[e.id] for e in held])
+    print(arm, adapter, {k: (round(v["accuracy"], 3), v["n"]) for k, v in by.items()}, flush=True)
 
 
 if __name__ == "__main__":
