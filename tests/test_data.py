@@ -210,6 +210,7 @@ def test_preferences_fact_augmented_and_vanilla(tok, root):
     assert e0.chosen_ids == prefix + enc(tok, "The circle is red.") + eos + enc(tok, s2)  # preference 2
     assert e0.rejected_ids == prefix + enc(tok, "The circle is blue.") + eos + enc(tok, s1)
     assert e0.chosen_suffix_len == len(enc(tok, s2))  # the chosen output's RM prompt (rm.facts_lm_coef)
+    assert e0.rejected_suffix_len == len(enc(tok, s1))  # the rejected one's (rm.score_pool=suffix)
     tail = tok.decode(e0.chosen_ids[-12:])
     assert tail.rstrip().endswith("the quality score of my last response is")
     assert "The correct option is B" not in tok.decode(e0.chosen_ids)
@@ -626,6 +627,7 @@ def test_collators(tok, root):
     pb = D.collate_preferences(prefs, pad, load)
     assert pb["hallucination"].tolist() == [-1, 1, 0]
     assert pb["chosen_suffix_len"].tolist() == [e.chosen_suffix_len for e in prefs]
+    assert pb["rejected_suffix_len"].tolist() == [e.rejected_suffix_len for e in prefs]
     assert pb["chosen_input_ids"].shape == pb["rejected_input_ids"].shape
     for k, e in enumerate(prefs):
         n = len(e.rejected_ids)

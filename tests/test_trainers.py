@@ -359,7 +359,8 @@ def test_rm_scores_pairs_batched_by_length_in_the_order_given(monkeypatch):
 
 def test_rm_score_pools_hand_worked_and_the_adapter_remembers_its_pool(tmp_path):
     """rm.score_pool: ``last`` reads the head at the last real token (right padding), ``mean``
-    averages it over the real tokens; a reward adapter trained one way is refused read the other."""
+    averages it over the real tokens, ``suffix`` over the last suffix_len real tokens; a reward adapter
+    trained one way is refused read the other."""
     from factrl.trainers import rm as R
 
     class Head:  # head(name, hidden) = hidden[..., 0], as a scalar head with weight e_0 and no bias
@@ -370,6 +371,11 @@ def test_rm_score_pools_hand_worked_and_the_adapter_remembers_its_pool(tmp_path)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     assert R.sequence_scores(Head(), "reward", h, mask, "last").tolist() == [6.0, 9.0]
     assert R.sequence_scores(Head(), "reward", h, mask, "mean").tolist() == [3.0, 6.0]  # padding (100) unread
+    # suffix: averaged over each row's last suffix_len real tokens (the RM prompt after the response)
+    sfx = torch.tensor([2, 3])
+    assert R.sequence_scores(Head(), "reward", h, mask, "suffix", sfx).tolist() == [4.0, 7.0]
+    with pytest.raises(ValueError, match="suffix_len"):
+        R.sequence_scores(Head(), "reward", h, mask, "suffix")
     with pytest.raises(ValueError, match="score_pool"):
         R.sequence_scores(Head(), "reward", h, mask, "max")
     R.save_score_pool(tmp_path, "mean")

@@ -67,8 +67,9 @@ def _base_bytes(model):
             if ".adapters." not in n and not n.startswith("heads."))
 
 
-@pytest.mark.parametrize("two", [False, True], ids=["one-base", "two-bases"])
-def test_rl_init_reference_reward_base_and_gradients(bases, two):
+@pytest.mark.parametrize("two,pool", [(False, "last"), (True, "last"), (False, "suffix")],
+                         ids=["one-base", "two-bases", "one-base-suffix-pool"])
+def test_rl_init_reference_reward_base_and_gradients(bases, two, pool):
     from factrl.model.io import load_adapter, load_llava
     from factrl.trainers import ppo as P
     from factrl.trainers.data import build_rm_input, load_captions, load_ppo_prompts, pad, pad_mask
@@ -77,7 +78,7 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two):
     from factrl.trainers.setup import load_assets
     from factrl.trainers.stage import Stage
 
-    cfg = _cfg(bases, two, "data.fact_template=factrl")
+    cfg = _cfg(bases, two, "data.fact_template=factrl", f"rm.score_pool={pool}")
     dev = resolve_device("cpu")
     a = load_assets(cfg, bases / "tiny_base", quantize=True, device=dev)
     model, tok = a.model, a.tokenizer
@@ -134,11 +135,12 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two):
     random.seed(7)
     template = rm_prompt.load_template(cfg.data.fact_template, True)
     img = tok.convert_tokens_to_ids("<image>")
-    rm_ids = []
+    rm_ids, sfx = [], []
     for j, p in enumerate(prompts):
         response = ro.response[j, :int(ro.lengths[j])].tolist()
-        rm_ids.append(build_rm_input(tok, P.expand_images(p.query_ids, img, n_img), response,
-                                     rm_prompt.render(template, p.captions, random)))
+        query = [t for t in P.expand_images(p.query_ids, img, n_img) if t != tok.pad_token_id]
+        rm_ids.append(build_rm_input(tok, query, response, rm_prompt.render(template, p.captions, random)))
+        sfx.append(len(rm_ids[-1]) - len(query) - len(response))  # the RM prompt after the response
     feats = (ro.reward_view if two else ro).image_features
     want_rm = []
     for i in range(0, 6, cfg.ppo.batch_size):  # batched (and so padded) as score batches them
@@ -146,7 +148,7 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two):
         ids, mask = pad(part, tok.pad_token_id), pad_mask(part)
         with torch.no_grad(), judge.adapter("reward"):
             h = judge(ids, mask, image_features=feats[i:i + cfg.ppo.batch_size])
-        want_rm.append(sequence_scores(judge, "reward", h, mask, cfg.rm.score_pool))
+        want_rm.append(sequence_scores(judge, "reward", h, mask, pool, torch.tensor(sfx[i:i + cfg.ppo.batch_size])))
     assert torch.equal(rm, torch.cat(want_rm))
 
     # one update: gradients reach the policy adapter (policy base), value adapter and head (reward base) only

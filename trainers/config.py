@@ -179,7 +179,9 @@ class RMConfig(TrainLoopConfig):
     # reward adapter that reading (README, session 17). A vanilla RM's suffix is the template alone
     facts_lm_coef: float = 0.0
     # How the scalar head is read (RM training, PPO and eval alike; written beside the adapter and
-    # checked): last = at the last token (the recipe) | mean = averaged over every real token
+    # checked): last = at the last token (the recipe, RLHF/models/reward_model.py RewardModel.forward)
+    # | mean = averaged over every real token | suffix = averaged over the RM prompt after the response
+    # (facts + template), every position of which has seen the whole response (the tiny preset's)
     score_pool: str = "last"
     lr: float = 2e-5
     schedule: str = "constant"
@@ -608,7 +610,7 @@ def validate_config(cfg: Config) -> None:
     need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
     need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
     need("rm.facts_lm_coef", cfg.rm.facts_lm_coef >= 0, "expected >= 0")
-    need("rm.score_pool", cfg.rm.score_pool in ("last", "mean"), "expected last or mean")
+    need("rm.score_pool", cfg.rm.score_pool in ("last", "mean", "suffix"), "expected last, mean or suffix")
     p = cfg.ppo
     # ppo.init_adapter / ppo.reward_base are checked when PPO starts: `factrl plan` takes them as
     # hypothetical paths or architecture names

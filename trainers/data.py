@@ -105,6 +105,7 @@ class PreferenceExample:
     hallucination: Optional[bool]
     id: str
     chosen_suffix_len: int = 0  # tokens of chosen_ids after the response's EOS: the RM prompt (facts + template)
+    rejected_suffix_len: int = 0  # the same for rejected_ids (differs only where the captions are shuffled)
 
 
 @dataclass
@@ -503,7 +504,7 @@ def load_preferences(
             return None
         chosen, rejected = (ids1, ids2) if pref == 1 else (ids2, ids1)
         return PreferenceExample(chosen_ids=chosen, rejected_ids=rejected, image=img, hallucination=h, id=rid,
-                                 chosen_suffix_len=len(suffix[pref - 1]))
+                                 chosen_suffix_len=len(suffix[pref - 1]), rejected_suffix_len=len(suffix[2 - pref]))
 
     return _load(path, skip_bad, one, finish)
 
@@ -735,7 +736,7 @@ def collate_preferences(
     """chosen_input_ids/chosen_attention_mask and rejected_* (B, T), right-padded to ONE common T
     (so a trainer may concatenate them into 2B rows); pixel_values as in collate_sft (one per
     example, shared by its two responses); hallucination (B,) long: -1 unknown, 0, 1;
-    chosen_suffix_len (B,) long: the chosen row's RM-prompt tokens after its response."""
+    chosen_suffix_len / rejected_suffix_len (B,) long: each row's RM-prompt tokens after its response."""
     c = [e.chosen_ids for e in examples]
     r = [e.rejected_ids for e in examples]
     T = max(len(s) for s in c + r)
@@ -750,6 +751,7 @@ def collate_preferences(
             [-1 if e.hallucination is None else int(e.hallucination) for e in examples]
         ),
         "chosen_suffix_len": torch.tensor([e.chosen_suffix_len for e in examples]),
+        "rejected_suffix_len": torch.tensor([e.rejected_suffix_len for e in examples]),
     }
 
 

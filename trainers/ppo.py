@@ -38,6 +38,7 @@ from factrl.trainers.config import Config, ConfigError
 from factrl.trainers.data import (
     build_rm_input,
     collate_prompts,
+    encode_segment,
     load_captions,
     load_ppo_prompts,
     pad,
@@ -274,12 +275,15 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
         # captions shuffled at each use (ppo_trainer.py:356-361) by the global RNG, which checkpoints keep
         queries = [prompts[j].query_ids if reward is None else
                    expand_images(prompts[j].query_ids, model.image_token_id, reward.num_image_tokens) for j in idx]
-        rm_ids = [build_rm_input(tok, q, ro.response[j, :int(ro.lengths[j])].tolist(),
-                                 rm_prompt.render(template, prompts[j].captions, order)) for q, j in zip(queries, idx)]
+        texts = [rm_prompt.render(template, prompts[j].captions, order) for j in idx]
+        rm_ids = [build_rm_input(tok, q, ro.response[j, :int(ro.lengths[j])].tolist(), t)
+                  for q, j, t in zip(queries, idx, texts)]
         ids, mask = pad(rm_ids, tok.pad_token_id).to(device), pad_mask(rm_ids).to(device)
         with rmodel.adapter(REWARD), autocast(device, cfg.model.dtype):
             h = rmodel(ids, mask, image_features=rb.image_features)
-        scores.append(sequence_scores(rmodel, REWARD, h, mask, cfg.rm.score_pool))
+        sfx = (torch.tensor([len(encode_segment(tok, t, 0)) for t in texts], device=device)
+               if cfg.rm.score_pool == "suffix" else None)  # the RM prompt's tokens after each response
+        scores.append(sequence_scores(rmodel, REWARD, h, mask, cfg.rm.score_pool, sfx))
     ro.old_logprobs, ro.ref_logprobs, ro.values = torch.cat(lp), torch.cat(ref), torch.cat(val)
     return torch.cat(scores)
 

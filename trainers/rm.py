@@ -47,19 +47,35 @@ def mean_token_scores(model, head: str, hidden: torch.Tensor, attention_mask: to
     return (model.head(head, hidden) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
 
 
-POOLS = {"last": last_token_scores, "mean": mean_token_scores}
+def suffix_token_scores(model, head: str, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                        suffix_len: torch.Tensor) -> torch.Tensor:
+    """Scalar head averaged over each row's last ``suffix_len`` real tokens (right padding): the RM
+    prompt after the response, every position of which sees the whole response: ``[B]`` fp32."""
+    n = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
+    t = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    m = ((t >= n - suffix_len.to(n.device)[:, None]) & (t < n)).float()  # (B, T)
+    return (model.head(head, hidden) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+POOLS = {"last": last_token_scores, "mean": mean_token_scores, "suffix": suffix_token_scores}
 SCORE_FILE = "reward_score.json"  # beside the reward adapter: how its score is read
 
 
-def sequence_scores(model, head: str, hidden, attention_mask, pool: str = "last") -> torch.Tensor:
+def sequence_scores(model, head: str, hidden, attention_mask, pool: str = "last", suffix_len=None) -> torch.Tensor:
     """The RM score ``[B]`` of each row, read as ``rm.score_pool`` says: ``last`` = the head at the
-    last token (the recipe, RLHF/models/reward_model.py), ``mean`` = the head averaged over every real
-    token. Departure for the tiny preset: a 4-layer decoder routes little of a response's mismatch
-    with the facts to one last token; averaged, every position that sees it (the caption tokens after
-    the response, the response tokens themselves) is trained directly. Measured on ShapesWorld, fact
-    RM, 600 steps: held-out accuracy 0.726 (0.665 on hallucination pairs) vs 0.626 (0.545) read last."""
+    last token (the recipe, RLHF/models/reward_model.py RewardModel.forward; the presets'), ``mean`` =
+    the head averaged over every real token (most of which precede the captions and cannot see them),
+    ``suffix`` = averaged over each row's last ``suffix_len`` ``[B]`` tokens, the RM prompt after the
+    response, each of which has seen the whole response. Measured on the tiny preset (README, session
+    18): ``suffix`` lets the fact RM compare a caption with the response at the caption's own tokens
+    (a wrong colour caught 0.78-0.91 vs 0.48-0.76 read last), but it stops checking the stated count
+    against the captions and PPO with it drops objects: the preset reads the last token."""
     if pool not in POOLS:
         raise ValueError(f"rm.score_pool={pool!r}: expected one of {', '.join(POOLS)}")
+    if pool == "suffix":
+        if suffix_len is None:
+            raise ValueError("rm.score_pool=suffix needs each row's RM-prompt length (suffix_len)")
+        return suffix_token_scores(model, head, hidden, attention_mask, suffix_len)
     return POOLS[pool](model, head, hidden, attention_mask)
 
 
@@ -91,7 +107,8 @@ def pair_rewards(model, b: dict, pool: str = "last", with_hidden: bool = False):
         feats = torch.cat([f, f])
     with model.adapter(ROLE):
         h = model(ids, mask, image_features=feats)
-    r = sequence_scores(model, ROLE, h, mask, pool)
+    sfx = torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]]) if "rejected_suffix_len" in b else None
+    r = sequence_scores(model, ROLE, h, mask, pool, sfx)
     B = b["chosen_input_ids"].shape[0]
     return (r[:B], r[B:], h[:B]) if with_hidden else (r[:B], r[B:])
 

@@ -3,9 +3,11 @@ rejected output has one wrong colour or one wrong place (600 each; the lies only
 captions refute), built from the held-out scenes of a ShapesWorld data root, and an RM's accuracy on them.
 
   python rm-colour-place-probe.py build runs/tiny/data
-  python rm-colour-place-probe.py score <exp>/sft/final <exp>/seed0/fact/rm/reward_adapter fact runs/tiny/data
+  python rm-colour-place-probe.py score <exp>/sft/final <exp>/seed0/fact/rm/reward_adapter fact runs/tiny/data \
+      [key=value ...]
 
-Results of session 17 (tiny preset, seeds 0-2): rm-colour-place-cpu-2cores.txt."""
+(key=value: config overrides, e.g. rm.score_pool=last for an RM trained so.) Results of sessions 17
+and 18 (tiny preset, seeds 0-4): rm-colour-place-cpu-2cores.txt."""
 
 import json
 import random
@@ -51,7 +53,7 @@ def build(root: Path) -> None:
     print(len(recs), "pairs")
 
 
-def score(sft: str, adapter: str, arm: str, root: Path) -> None:
+def score(sft: str, adapter: str, arm: str, root: Path, overrides=()) -> None:
     """The RM's accuracy per lie kind on the pairs ``build`` wrote: the RM stage's own loader
     (``rm.load_pairs``, the preset's template and caption order) and scorer."""
     import torch
@@ -60,11 +62,13 @@ def score(sft: str, adapter: str, arm: str, root: Path) -> None:
     from factrl.trainers.config import load_config
     from factrl.trainers.data import record_fields
     from factrl.trainers.metrics import rm_accuracy_by
-    from factrl.trainers.rm import load_pairs, score_pairs
+    from factrl.trainers.rm import check_score_pool, load_pairs, score_pairs
     from factrl.trainers.setup import load_assets
 
     cfg = load_config("tiny", [f"data.root={root}", f"run.out_dir={root.parent}",
-                               "data.preference_eval_file=diag_pairs.json", f"rm.fact_augmented={arm == 'fact'}"])
+                               "data.preference_eval_file=diag_pairs.json", f"rm.fact_augmented={arm == 'fact'}",
+                               *overrides])
+    check_score_pool(adapter, cfg.rm.score_pool)  # read as it was trained
     cpu = torch.device("cpu")
     a = load_assets(cfg, Path(sft), quantize=True, device=cpu)
     a.model.eval()
@@ -80,4 +84,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(Path(sys.argv[2]))
     else:
-        score(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]))
+        score(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]), sys.argv[6:])
