@@ -376,6 +376,8 @@ def test_rm_score_pools_hand_worked_and_the_adapter_remembers_its_pool(tmp_path)
     assert R.sequence_scores(Head(), "reward", h, mask, "suffix", sfx).tolist() == [4.0, 7.0]
     with pytest.raises(ValueError, match="suffix_len"):
         R.sequence_scores(Head(), "reward", h, mask, "suffix")
+    with pytest.raises(ValueError, match="suffix_len > 0"):  # a row without an RM prompt would score 0
+        R.sequence_scores(Head(), "reward", h, mask, "suffix", torch.tensor([2, 0]))
     with pytest.raises(ValueError, match="score_pool"):
         R.sequence_scores(Head(), "reward", h, mask, "max")
     R.save_score_pool(tmp_path, "mean")

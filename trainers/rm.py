@@ -73,8 +73,8 @@ def sequence_scores(model, head: str, hidden, attention_mask, pool: str = "last"
     if pool not in POOLS:
         raise ValueError(f"rm.score_pool={pool!r}: expected one of {', '.join(POOLS)}")
     if pool == "suffix":
-        if suffix_len is None:
-            raise ValueError("rm.score_pool=suffix needs each row's RM-prompt length (suffix_len)")
+        if suffix_len is None or bool((suffix_len <= 0).any()):  # 0 would read nothing: a score of 0
+            raise ValueError("rm.score_pool=suffix needs each row's RM-prompt length (suffix_len > 0)")
         return suffix_token_scores(model, head, hidden, attention_mask, suffix_len)
     return POOLS[pool](model, head, hidden, attention_mask)
 
