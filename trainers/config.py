@@ -181,7 +181,8 @@ class RMConfig(TrainLoopConfig):
     # How the scalar head is read (RM training, PPO and eval alike; written beside the adapter and
     # checked): last = at the last token (the recipe, RLHF/models/reward_model.py RewardModel.forward)
     # | mean = averaged over every real token | suffix = averaged over the RM prompt after the response
-    # (facts + template), every position of which has seen the whole response (the tiny preset's)
+    # (facts + template), every position of which has seen the whole response (no preset's: README,
+    # session 18 — the fact RM reads colours but stops checking the count, and PPO drops objects)
     score_pool: str = "last"
     lr: float = 2e-5
     schedule: str = "constant"

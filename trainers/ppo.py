@@ -282,7 +282,7 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
         with rmodel.adapter(REWARD), autocast(device, cfg.model.dtype):
             h = rmodel(ids, mask, image_features=rb.image_features)
         sfx = (torch.tensor([len(encode_segment(tok, t, 0)) for t in texts], device=device)
-               if cfg.rm.score_pool == "suffix" else None)  # the RM prompt's tokens after each response
+               if cfg.rm.score_pool == "suffix" else None)  # each RM prompt's length (memo hits)
         scores.append(sequence_scores(rmodel, REWARD, h, mask, cfg.rm.score_pool, sfx))
     ro.old_logprobs, ro.ref_logprobs, ro.values = torch.cat(lp), torch.cat(ref), torch.cat(val)
     return torch.cat(scores)

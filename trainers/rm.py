@@ -47,13 +47,19 @@ def mean_token_scores(model, head: str, hidden: torch.Tensor, attention_mask: to
     return (model.head(head, hidden) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
 
 
+def suffix_mask(attention_mask: torch.Tensor, suffix_len: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: each row's last ``suffix_len`` ``[B]`` real tokens (right padding) — the RM
+    prompt after the response (``rm.score_pool=suffix``, ``suffix_lm_loss``)."""
+    n = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) real tokens
+    t = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
+    return (t >= n - suffix_len.to(n.device)[:, None]) & (t < n)
+
+
 def suffix_token_scores(model, head: str, hidden: torch.Tensor, attention_mask: torch.Tensor,
                         suffix_len: torch.Tensor) -> torch.Tensor:
-    """Scalar head averaged over each row's last ``suffix_len`` real tokens (right padding): the RM
-    prompt after the response, every position of which sees the whole response: ``[B]`` fp32."""
-    n = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
-    t = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    m = ((t >= n - suffix_len.to(n.device)[:, None]) & (t < n)).float()  # (B, T)
+    """Scalar head averaged over each row's last ``suffix_len`` real tokens: the RM prompt after the
+    response, every position of which sees the whole response: ``[B]`` fp32."""
+    m = suffix_mask(attention_mask, suffix_len).float()
     return (model.head(head, hidden) * m).sum(-1) / m.sum(-1).clamp(min=1.0)
 
 
@@ -107,8 +113,7 @@ def pair_rewards(model, b: dict, pool: str = "last", with_hidden: bool = False):
         feats = torch.cat([f, f])
     with model.adapter(ROLE):
         h = model(ids, mask, image_features=feats)
-    sfx = torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]]) if "rejected_suffix_len" in b else None
-    r = sequence_scores(model, ROLE, h, mask, pool, sfx)
+    r = sequence_scores(model, ROLE, h, mask, pool, torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]]))
     B = b["chosen_input_ids"].shape[0]
     return (r[:B], r[B:], h[:B]) if with_hidden else (r[:B], r[B:])
 
@@ -118,10 +123,7 @@ def suffix_lm_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, attenti
     """Mean next-token cross-entropy over each row's last ``suffix_len`` real tokens (right padding):
     ``[B]`` fp32, 0 for a row without any. hidden ``[B, T, H]``, input_ids/attention_mask ``[B, T]``,
     suffix_len ``[B]``. The LM head runs on the predicting positions only (never ``[B, T, vocab]``)."""
-    n = attention_mask.long().sum(-1)  # (B,) real tokens
-    first = (n - suffix_len.to(n.device)).clamp(min=1)  # first target; token 0 has no predictor
-    t = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None]  # target positions 1..T-1
-    target = (t >= first[:, None]) & (t < n[:, None])  # (B, T-1)
+    target = suffix_mask(attention_mask, suffix_len)[:, 1:]  # (B, T-1): token 0 has no predictor
     logits = model.logits(hidden[:, :-1][target]).float()  # (N, V): position t-1 predicts token t
     ce = F.cross_entropy(logits, input_ids[:, 1:][target], reduction="none")  # (N,)
     rows = target.nonzero()[:, 0]
