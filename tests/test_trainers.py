@@ -282,9 +282,12 @@ def test_rm_trains_evaluates_and_exports_peft(shared_data, tmp_path, monkeypatch
     # it is not computed (the recipe's loss alone)
     for coef in (1.0, 0.0):
         lm = tmp_path / f"lm{coef}"
-        train_rm(micro_cfg(shared_data, lm, "rm.max_steps=8", f"rm.facts_lm_coef={coef}", "rm.eval_every=-1",
-                           f"rm.base={out}/sft/final"))
+        # with the term, the score also reads the facts' log-likelihood (rm.facts_logprob_coef), as kept
+        train_rm(micro_cfg(shared_data, lm, "rm.max_steps=8", f"rm.facts_lm_coef={coef}", "rm.eval_every=0",
+                           f"rm.facts_logprob_coef={coef / 2}", f"rm.base={out}/sft/final"))
         fl = [r.get("facts_lm") for r in read_metrics(lm / "rm" / "metrics.jsonl")]
+        assert json.loads((lm / "rm" / "reward_adapter" / "reward_score.json").read_text()) == \
+            {"score_pool": "last", "facts_logprob_coef": coef / 2}
         if coef:
             assert len(fl) == 8 and all(math.isfinite(v) and v > 0 for v in fl) and fl[-1] < fl[0]
         else:
@@ -380,11 +383,15 @@ def test_rm_score_pools_hand_worked_and_the_adapter_remembers_its_pool(tmp_path)
         R.sequence_scores(Head(), "reward", h, mask, "suffix", torch.tensor([2, 0]))
     with pytest.raises(ValueError, match="score_pool"):
         R.sequence_scores(Head(), "reward", h, mask, "max")
-    R.save_score_pool(tmp_path, "mean")
-    R.check_score_pool(tmp_path, "mean")
+    R.save_reading(tmp_path, R.Reading("mean"))
+    R.check_reading(tmp_path, R.Reading("mean"))
+    with pytest.raises(ValueError, match="trained with rm.score_pool=mean rm.facts_logprob_coef=0.0"):
+        R.check_reading(tmp_path, R.Reading("last"))
     with pytest.raises(ValueError, match="trained with rm.score_pool=mean"):
-        R.check_score_pool(tmp_path, "last")
-    R.check_score_pool(tmp_path / "elsewhere", "last")  # an adapter without the file: read as configured
+        R.check_reading(tmp_path, R.Reading("mean", 0.5))
+    R.check_reading(tmp_path / "elsewhere", R.Reading("last"))  # an adapter without the file: read as configured
+    (tmp_path / R.SCORE_FILE).write_text('{"score_pool": "suffix"}')  # written before facts_logprob_coef: 0
+    R.check_reading(tmp_path, R.Reading("suffix"))
 
 
 def test_suffix_lm_loss_hand_worked():
@@ -414,6 +421,20 @@ def test_suffix_lm_loss_hand_worked():
     # a suffix as long as the row: token 0 has no predictor, so targets start at 1
     whole = R.suffix_lm_loss(LM(), torch.zeros(1, 3, 3), ids[:1, :3], mask[:1, :3], torch.tensor([3]))
     torch.testing.assert_close(whole, torch.tensor([lg(3.0)]))
+    # rm.facts_logprob_coef reads the same tokens as a score: the head (last token) + coef x the suffix's
+    # summed log-probability; a reading that needs the lengths refuses to run without them
+
+    class HeadLM(LM):
+        def head(self, name, hidden):
+            return hidden[..., 0].float()
+
+    got = R.rm_scores(HeadLM(), "reward", h, ids, mask, R.Reading("last", 0.5), torch.tensor([2, 1, 1]))
+    h_last = torch.tensor([h[0, 3, 0], h[1, 4, 0], h[2, 4, 0]])
+    want = h_last + 0.5 * torch.tensor([-(lg(2) + lg(5)), -lg(9 / 7), -lg(3.0)])  # row 2: uniform p(1) = 1/3
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(R.rm_scores(HeadLM(), "reward", h, ids, mask, R.Reading()), h_last)
+    with pytest.raises(ValueError, match="facts_logprob_coef > 0 needs"):
+        R.rm_scores(HeadLM(), "reward", h, ids, mask, R.Reading("last", 0.5))
 
 
 # ---- DeepSpeed ZeRO (run.distributed=deepspeed), two gloo processes on CPU ------------------------------

@@ -67,9 +67,10 @@ def _base_bytes(model):
             if ".adapters." not in n and not n.startswith("heads."))
 
 
-@pytest.mark.parametrize("two,pool", [(False, "last"), (True, "last"), (False, "suffix")],
-                         ids=["one-base", "two-bases", "one-base-suffix-pool"])
-def test_rl_init_reference_reward_base_and_gradients(bases, two, pool):
+@pytest.mark.parametrize("two,pool,coef", [(False, "last", 0), (True, "last", 0), (False, "suffix", 0),
+                                           (True, "last", 0.5)],
+                         ids=["one-base", "two-bases", "one-base-suffix-pool", "two-bases-facts-logprob"])
+def test_rl_init_reference_reward_base_and_gradients(bases, two, pool, coef):
     from factrl.model.io import load_adapter, load_llava
     from factrl.trainers import ppo as P
     from factrl.trainers.data import build_rm_input, load_captions, load_ppo_prompts, pad, pad_mask
@@ -78,7 +79,7 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two, pool):
     from factrl.trainers.setup import load_assets
     from factrl.trainers.stage import Stage
 
-    cfg = _cfg(bases, two, "data.fact_template=factrl", f"rm.score_pool={pool}")
+    cfg = _cfg(bases, two, "data.fact_template=factrl", f"rm.score_pool={pool}", f"rm.facts_logprob_coef={coef}")
     dev = resolve_device("cpu")
     a = load_assets(cfg, bases / "tiny_base", quantize=True, device=dev)
     model, tok = a.model, a.tokenizer
@@ -148,8 +149,14 @@ def test_rl_init_reference_reward_base_and_gradients(bases, two, pool):
         ids, mask = pad(part, tok.pad_token_id), pad_mask(part)
         with torch.no_grad(), judge.adapter("reward"):
             h = judge(ids, mask, image_features=feats[i:i + cfg.ppo.batch_size])
-        want_rm.append(sequence_scores(judge, "reward", h, mask, pool, torch.tensor(sfx[i:i + cfg.ppo.batch_size])))
-    assert torch.equal(rm, torch.cat(want_rm))
+        score = sequence_scores(judge, "reward", h, mask, pool, torch.tensor(sfx[i:i + cfg.ppo.batch_size]))
+        for r, (row, n) in enumerate(zip(part, sfx[i:i + cfg.ppo.batch_size])):  # rm.facts_logprob_coef:
+            # + coef x log p of the RM prompt's tokens, each from the position before it (unpadded row)
+            lp = torch.log_softmax(judge.logits(h[r, len(row) - n - 1:len(row) - 1]).float(), -1)
+            score[r] += coef * lp.gather(1, torch.tensor(row[len(row) - n:])[:, None]).sum()
+        want_rm.append(score)
+    # exact, but for the order of a fp32 sum of ~100 log-probs (|score| ~ 400 with random adapters)
+    torch.testing.assert_close(rm, torch.cat(want_rm), rtol=0 if coef == 0 else 1e-6, atol=0)
 
     # one update: gradients reach the policy adapter (policy base), value adapter and head (reward base) only
     ro.advantages = torch.randn_like(ro.old_logprobs) * ro.response_mask

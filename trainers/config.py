@@ -184,6 +184,15 @@ class RMConfig(TrainLoopConfig):
     # (facts + template), every position of which has seen the whole response (no preset's: README,
     # session 18 — the fact RM reads colours but stops checking the count, and PPO drops objects)
     score_pool: str = "last"
+    # Coef x the log-likelihood of the RM prompt after the response (the facts, then the template's
+    # closing words; summed over its tokens) under the reward adapter's language-model head, added to
+    # the head's score in RM training, PPO and eval (written beside the adapter and checked). 0 = the
+    # recipe's score, the head alone. With rm.facts_lm_coef the adapter learns to copy each caption
+    # from a faithful response; after a response that contradicts a caption or leaves its object out
+    # that caption is improbable, at its own tokens — a check of every fact, where the head at the last
+    # token must route them all to one position (README, session 19). A vanilla RM's suffix is the
+    # template's fixed words: nearly constant
+    facts_logprob_coef: float = 0.0
     lr: float = 2e-5
     schedule: str = "constant"
     grad_clip: float = 0.3
@@ -611,6 +620,7 @@ def validate_config(cfg: Config) -> None:
     need("rm.eval_size", cfg.rm.eval_size > 0, "expected > 0")
     need("rm.mean_reward_penalty", cfg.rm.mean_reward_penalty >= 0, "expected >= 0")
     need("rm.facts_lm_coef", cfg.rm.facts_lm_coef >= 0, "expected >= 0")
+    need("rm.facts_logprob_coef", cfg.rm.facts_logprob_coef >= 0, "expected >= 0")
     need("rm.score_pool", cfg.rm.score_pool in ("last", "mean", "suffix"), "expected last, mean or suffix")
     p = cfg.ppo
     # ppo.init_adapter / ppo.reward_base are checked when PPO starts: `factrl plan` takes them as

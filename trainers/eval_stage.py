@@ -57,20 +57,20 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
     ``per_question_type`` when the records carry a ``question_type``, ``per_lie_kind`` (keyed
     "<question type>: <lie kind>") when they also carry a ``lie_kind`` (what the rejected output gets
     wrong: which lies an RM catches)."""
-    from factrl.trainers.rm import ROLE, load_pairs, score_pairs
+    from factrl.trainers.rm import ROLE, Reading, load_pairs, score_pairs
 
     if ROLE not in model.adapter_state.names:
         return {}
     _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
     triples = score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
-                          cfg.rm.score_pool)
+                          Reading.of(cfg.rm))
     res = rm_accuracy(triples)
     if cfg.rm.fact_augmented:  # the same pairs with every image's facts another image's: a fact RM that
         # reads its facts loses accuracy here; one at its true-facts accuracy judges the response alone
         _, other = load_pairs(cfg, a, True, held_only=True, other_scenes=True)
         res["accuracy_other_scenes_facts"] = rm_accuracy(score_pairs(
             model, other, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
-            cfg.rm.score_pool))["accuracy"]
+            Reading.of(cfg.rm)))["accuracy"]
     meta = held_out_fields(cfg, a.data_root, ("question_type", "lie_kind"))
     types, lies = meta["question_type"], meta["lie_kind"]
     if types:  # scored pairs are in load order; pairs dropped as too long are simply absent
@@ -160,9 +160,9 @@ def load_models(cfg: Config, stage: Stage, columns, reward: bool) -> tuple[Asset
         if cfg.ppo.reward_base:
             ra = load_assets(cfg, Path(cfg.ppo.reward_base), quantize=cfg.model.quantize, device=stage.device)
             ra.model.eval()
-        from factrl.trainers.rm import check_score_pool
+        from factrl.trainers.rm import Reading, check_reading
 
-        check_score_pool(rm_dir, cfg.rm.score_pool)
+        check_reading(rm_dir, Reading.of(cfg.rm))
         load_adapter(ra.model, rm_dir, "reward", trainable=False)
     adapters = {"sft": None} if "sft" in columns else {}
     if "ppo" in columns and layout.policy_adapter.is_dir():

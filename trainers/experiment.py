@@ -162,7 +162,7 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
     from factrl.model.io import load_adapter
     from factrl.trainers.data import load_captions, load_preferences
     from factrl.trainers.eval_stage import make_generate_fn
-    from factrl.trainers.rm import check_score_pool, score_pairs
+    from factrl.trainers.rm import Reading, check_reading, score_pairs
     from factrl.trainers.setup import load_assets
     from factrl.trainers.shapesworld.dataset import load_scenes
     from factrl.trainers.shapesworld.scoring import rated_pairs
@@ -206,13 +206,13 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
     captions = load_captions(root / c.data.captions_file)
     right: dict = {}  # (arm, source) -> {pair id: the RM prefers the faithful sample}
     for arm, lay in layouts.items():
-        check_score_pool(lay.reward_adapter, c.rm.score_pool)
+        check_reading(lay.reward_adapter, Reading.of(c.rm))
         load_adapter(model, lay.reward_adapter, "reward", trainable=False)
         for src, f in files.items():
             pairs = load_preferences(f, tok, a.num_image_tokens, c.data.max_seq_len, captions, arm == "fact",
                                      template=c.data.fact_template, image_folder=str(root / c.data.image_folder),
                                      system=c.data.system_prompt, seed=seed, shuffle_captions=c.data.shuffle_captions)
-            triples = score_pairs(model, pairs, c.eval.batch_size, tok.pad_token_id, a.images, device, c.rm.score_pool)
+            triples = score_pairs(model, pairs, c.eval.batch_size, tok.pad_token_id, a.images, device, Reading.of(c.rm))
             right[arm, src] = {p.id: rc > rr for p, (rc, rr, _) in zip(pairs, triples)}
     acc = lambda arm, src, ids: (sum(right[arm, src][i] for i in ids) / len(ids)) if ids else None  # noqa: E731
     result = {}

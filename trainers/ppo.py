@@ -55,7 +55,7 @@ from factrl.trainers.rl import (
     value_loss,
 )
 from factrl.trainers.rm import ROLE as REWARD
-from factrl.trainers.rm import check_score_pool, sequence_scores
+from factrl.trainers.rm import Reading, check_reading, rm_scores
 from factrl.trainers.run import autocast
 from factrl.trainers.setup import Assets, load_assets, stage_base, to_device
 from factrl.trainers.stage import Stage, epoch_order, trainable_adapter
@@ -253,6 +253,7 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
     template = rm_prompt.load_template(cfg.data.fact_template, p.fact_augmented)
     order = random if cfg.data.shuffle_captions else None  # data.shuffle_captions=false: the file's order
     ref_role = reference_role(cfg)
+    reading = Reading.of(cfg.rm)
     rmodel = model if reward is None else reward.model
     model.eval()
     rmodel.eval()
@@ -282,8 +283,8 @@ def score(model, tok, ro: Rollout, prompts: list, cfg: Config, device,
         with rmodel.adapter(REWARD), autocast(device, cfg.model.dtype):
             h = rmodel(ids, mask, image_features=rb.image_features)
         sfx = (torch.tensor([len(encode_segment(tok, t, 0)) for t in texts], device=device)
-               if cfg.rm.score_pool == "suffix" else None)  # each RM prompt's length (memo hits)
-        scores.append(sequence_scores(rmodel, REWARD, h, mask, cfg.rm.score_pool, sfx))
+               if reading.needs_suffix else None)  # each RM prompt's length (memo hits)
+        scores.append(rm_scores(rmodel, REWARD, h, ids, mask, reading, sfx))
     ro.old_logprobs, ro.ref_logprobs, ro.values = torch.cat(lp), torch.cat(ref), torch.cat(val)
     return torch.cat(scores)
 
@@ -372,7 +373,7 @@ def build_roles(model, cfg: Config, reward_dir, reward_model=None) -> list:
     rmodel = model if reward_model is None else reward_model
     model.requires_grad_(False)
     rmodel.requires_grad_(False)
-    check_score_pool(reward_dir, cfg.rm.score_pool)
+    check_reading(reward_dir, Reading.of(cfg.rm))
     load_adapter(rmodel, reward_dir, REWARD, trainable=False)
     if REWARD not in rmodel.heads:
         raise FileNotFoundError(f"{reward_dir}: no reward head (heads.safetensors or the original's reward_head) "

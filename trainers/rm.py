@@ -3,15 +3,18 @@
 The SFT checkpoint, quantized to NF4, carries a ``reward`` LoRA adapter and a scalar head read
 at the last token of the RM prompt: conversation + response + (with ``fact_augmented``) the
 image's captions / multiple-choice truth, ending at "...the quality score of my last response
-is". Loss: Bradley–Terry, BCE-with-logits on r(chosen) − r(rejected), plus an optional small
-penalty keeping the mean reward near 0 and (``rm.facts_lm_coef``, not the recipe's) a language-model
-loss on the chosen row's RM prompt: its facts predicted from the response before them. Output:
+is"; with ``rm.facts_logprob_coef`` (not the recipe's) the score adds the log-likelihood of that RM
+prompt after the response under the adapter's own language-model head (``Reading``). Loss:
+Bradley–Terry, BCE-with-logits on r(chosen) − r(rejected), plus an optional small penalty keeping
+the mean reward near 0 and (``rm.facts_lm_coef``, not the recipe's) a language-model loss on the
+chosen row's RM prompt: its facts predicted from the response before them. Output:
 ``<out>/rm/reward_adapter`` in PEFT format with the head beside it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,7 +71,7 @@ SCORE_FILE = "reward_score.json"  # beside the reward adapter: how its score is 
 
 
 def sequence_scores(model, head: str, hidden, attention_mask, pool: str = "last", suffix_len=None) -> torch.Tensor:
-    """The RM score ``[B]`` of each row, read as ``rm.score_pool`` says: ``last`` = the head at the
+    """The head's score ``[B]`` of each row, read as ``rm.score_pool`` says: ``last`` = the head at the
     last token (the recipe, RLHF/models/reward_model.py RewardModel.forward; the presets'), ``mean`` =
     the head averaged over every real token (most of which precede the captions and cannot see them),
     ``suffix`` = averaged over each row's last ``suffix_len`` ``[B]`` tokens, the RM prompt after the
@@ -85,24 +88,62 @@ def sequence_scores(model, head: str, hidden, attention_mask, pool: str = "last"
     return POOLS[pool](model, head, hidden, attention_mask)
 
 
-def save_score_pool(adapter_dir, pool: str) -> None:
+@dataclass(frozen=True)
+class Reading:
+    """How an RM's score is read from its forward pass: the head (``pool``, rm.score_pool) plus
+    ``facts_coef`` (rm.facts_logprob_coef) x the log-likelihood of the RM prompt after the response
+    (the facts, then the template's closing words) given everything before it, under the reward
+    adapter's own language-model head. RM training, PPO and eval read one way; the adapter keeps it."""
+
+    pool: str = "last"
+    facts_coef: float = 0.0
+
+    @classmethod
+    def of(cls, rm) -> "Reading":
+        return cls(rm.score_pool, rm.facts_logprob_coef)
+
+    @property
+    def needs_suffix(self) -> bool:
+        """Whether each row's RM-prompt length (``suffix_len``) must be passed."""
+        return self.pool == "suffix" or self.facts_coef > 0
+
+
+def rm_scores(model, head: str, hidden, input_ids, attention_mask, reading: Reading, suffix_len=None) -> torch.Tensor:
+    """The RM score ``[B]`` fp32 of each row (right padding): the head read as ``reading.pool`` says,
+    plus ``reading.facts_coef`` x sum of log p(token | before) over each row's last ``suffix_len`` ``[B]``
+    tokens. Not the recipe's (its score is the head alone): a model that can copy a caption from the
+    response before it (rm.facts_lm_coef teaches the tiny one to) finds the facts improbable after a
+    response that states something they contradict or leaves out what they state — a reading of
+    every caption token at once, not routed to one last position (README, session 19)."""
+    r = sequence_scores(model, head, hidden, attention_mask, reading.pool, suffix_len)
+    if reading.facts_coef > 0:
+        if suffix_len is None or bool((suffix_len <= 0).any()):
+            raise ValueError("rm.facts_logprob_coef > 0 needs each row's RM-prompt length (suffix_len > 0)")
+        r = r + reading.facts_coef * suffix_logprobs(model, hidden, input_ids, attention_mask, suffix_len)[0]
+    return r
+
+
+def save_reading(adapter_dir, reading: Reading) -> None:
     from factrl.trainers.config import write_atomic
 
-    write_atomic(Path(adapter_dir) / SCORE_FILE, json.dumps({"score_pool": pool}) + "\n")
+    write_atomic(Path(adapter_dir) / SCORE_FILE,
+                 json.dumps({"score_pool": reading.pool, "facts_logprob_coef": reading.facts_coef}) + "\n")
 
 
-def check_score_pool(adapter_dir, pool: str) -> None:
+def check_reading(adapter_dir, reading: Reading) -> None:
     """Refuse to read a reward adapter's score another way than it was trained (a file written by
     ``factrl rm``; adapters from elsewhere, e.g. the original's, have none and are read as configured)."""
     f = Path(adapter_dir) / SCORE_FILE
     if f.is_file():
-        trained = json.loads(f.read_text()).get("score_pool", "last")
-        if trained != pool:
-            raise ValueError(f"{adapter_dir}: this reward model was trained with rm.score_pool={trained}, "
-                             f"the config says {pool}; set rm.score_pool={trained}")
+        d = json.loads(f.read_text())
+        trained = Reading(d.get("score_pool", "last"), float(d.get("facts_logprob_coef", 0.0)))
+        if trained != reading:
+            raise ValueError(f"{adapter_dir}: this reward model was trained with rm.score_pool={trained.pool} "
+                             f"rm.facts_logprob_coef={trained.facts_coef}, the config says "
+                             f"rm.score_pool={reading.pool} rm.facts_logprob_coef={reading.facts_coef}; set them so")
 
 
-def pair_rewards(model, b: dict, pool: str = "last", with_hidden: bool = False):
+def pair_rewards(model, b: dict, reading: Reading = Reading(), with_hidden: bool = False):
     """(r_chosen, r_rejected) ``[B]``: both responses in one ``[2B, T]`` pass, image features once;
     ``with_hidden``: also the chosen rows' hidden states ``[B, T, H]`` (for ``suffix_lm_loss``)."""
     ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
@@ -113,22 +154,31 @@ def pair_rewards(model, b: dict, pool: str = "last", with_hidden: bool = False):
         feats = torch.cat([f, f])
     with model.adapter(ROLE):
         h = model(ids, mask, image_features=feats)
-    r = sequence_scores(model, ROLE, h, mask, pool, torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]]))
+    r = rm_scores(model, ROLE, h, ids, mask, reading, torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]]))
     B = b["chosen_input_ids"].shape[0]
     return (r[:B], r[B:], h[:B]) if with_hidden else (r[:B], r[B:])
 
 
+def suffix_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    suffix_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p(token | before), number of tokens), each ``[B]`` fp32, over each row's last
+    ``suffix_len`` real tokens (right padding; token 0 has no predictor). hidden ``[B, T, H]``,
+    input_ids/attention_mask ``[B, T]``, suffix_len ``[B]``. The LM head runs on the predicting
+    positions only (never ``[B, T, vocab]``)."""
+    target = suffix_mask(attention_mask, suffix_len)[:, 1:]  # (B, T-1)
+    logits = model.logits(hidden[:, :-1][target]).float()  # (N, V): position t-1 predicts token t
+    lp = -F.cross_entropy(logits, input_ids[:, 1:][target], reduction="none")  # (N,)
+    rows = target.nonzero()[:, 0]
+    total = torch.zeros(input_ids.shape[0], device=lp.device).index_add(0, rows, lp)
+    return total, target.sum(-1).float()
+
+
 def suffix_lm_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    suffix_len: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each row's last ``suffix_len`` real tokens (right padding):
-    ``[B]`` fp32, 0 for a row without any. hidden ``[B, T, H]``, input_ids/attention_mask ``[B, T]``,
-    suffix_len ``[B]``. The LM head runs on the predicting positions only (never ``[B, T, vocab]``)."""
-    target = suffix_mask(attention_mask, suffix_len)[:, 1:]  # (B, T-1): token 0 has no predictor
-    logits = model.logits(hidden[:, :-1][target]).float()  # (N, V): position t-1 predicts token t
-    ce = F.cross_entropy(logits, input_ids[:, 1:][target], reduction="none")  # (N,)
-    rows = target.nonzero()[:, 0]
-    total = torch.zeros(input_ids.shape[0], device=ce.device).index_add(0, rows, ce)
-    return total / target.sum(-1).clamp(min=1)
+    """Mean next-token cross-entropy over each row's last ``suffix_len`` real tokens (``suffix_logprobs``):
+    ``[B]`` fp32, 0 for a row without any."""
+    total, n = suffix_logprobs(model, hidden, input_ids, attention_mask, suffix_len)
+    return -total / n.clamp(min=1)
 
 
 def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False,
@@ -161,7 +211,8 @@ def load_pairs(cfg: Config, a, fact_augmented: bool, held_only: bool = False,
 
 
 @torch.no_grad()
-def score_pairs(model, pairs, batch_size: int, pad_id: int, images, device, pool: str = "last") -> list[tuple]:
+def score_pairs(model, pairs, batch_size: int, pad_id: int, images, device,
+                reading: Reading = Reading()) -> list[tuple]:
     """(r_chosen, r_rejected, hallucination flag) for every pair (in the order given), in eval mode.
     Batched by length, so a batch pads little (~20% fewer tokens on ShapesWorld's held-out pairs)."""
     was = model.training
@@ -171,16 +222,16 @@ def score_pairs(model, pairs, batch_size: int, pad_id: int, images, device, pool
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         ex = [pairs[i] for i in idx]
-        rc, rr = pair_rewards(model, to_device(collate_preferences(ex, pad_id, images), device), pool=pool)
+        rc, rr = pair_rewards(model, to_device(collate_preferences(ex, pad_id, images), device), reading)
         for i, c, r in zip(idx, rc, rr):
             out[i] = (float(c), float(r), pairs[i].hallucination)
     model.train(was)
     return out
 
 
-def evaluate_pairs(model, pairs, batch_size: int, pad_id: int, images, device, pool: str = "last") -> dict:
+def evaluate_pairs(model, pairs, batch_size: int, pad_id: int, images, device, reading: Reading = Reading()) -> dict:
     """Accuracy overall and on hallucination-flagged pairs, mean reward (log keys)."""
-    triples = score_pairs(model, pairs, batch_size, pad_id, images, device, pool)
+    triples = score_pairs(model, pairs, batch_size, pad_id, images, device, reading)
     acc = rm_accuracy(triples)
     hal = acc["accuracy_hallucination"]
     return {"eval/acc": acc["accuracy"], "eval/acc_hallucination": float("nan") if hal is None else hal,
@@ -217,10 +268,11 @@ def train_rm(cfg: Config) -> dict:
         return float(b["chosen_input_ids"].shape[0])
 
     lm_coef = cfg.rm.facts_lm_coef
+    reading = Reading.of(cfg.rm)
 
     def loss_fn(b, norm):
         with autocast(device, cfg.model.dtype):
-            rc, rr, *h = pair_rewards(model, b, cfg.rm.score_pool, with_hidden=lm_coef > 0)
+            rc, rr, *h = pair_rewards(model, b, reading, with_hidden=lm_coef > 0)
             lm = suffix_lm_loss(model, h[0], b["chosen_input_ids"], b["chosen_attention_mask"],
                                 b["chosen_suffix_len"]) if h else None
         loss = F.binary_cross_entropy_with_logits(rc - rr, torch.ones_like(rc), reduction="sum")
@@ -234,7 +286,7 @@ def train_rm(cfg: Config) -> dict:
         return loss / norm, logs
 
     def eval_fn(step):
-        return evaluate_pairs(model, held, cfg.eval.batch_size, tok.pad_token_id, a.images, device, cfg.rm.score_pool)
+        return evaluate_pairs(model, held, cfg.eval.batch_size, tok.pad_token_id, a.images, device, reading)
 
     metrics = supervised_loop(stage, cfg.rm, model, params, len(train), make_batch, count, loss_fn,
                               eval_fn if scored else None,
@@ -246,6 +298,6 @@ def train_rm(cfg: Config) -> dict:
     out = stage.layout.reward_adapter
     if stage.rank == 0:  # one writer; the others wait for it
         save_adapter(model, ROLE, out, base_path=str(a.base), heads=(ROLE,))
-        save_score_pool(out, cfg.rm.score_pool)
+        save_reading(out, reading)
     stage.barrier()
     return {"stage": "rm", "fact_augmented": fact, "adapter": str(out), **metrics}

@@ -62,19 +62,19 @@ def score(sft: str, adapter: str, arm: str, root: Path, overrides=()) -> None:
     from factrl.trainers.config import load_config
     from factrl.trainers.data import record_fields
     from factrl.trainers.metrics import rm_accuracy_by
-    from factrl.trainers.rm import check_score_pool, load_pairs, score_pairs
+    from factrl.trainers.rm import Reading, check_reading, load_pairs, score_pairs
     from factrl.trainers.setup import load_assets
 
     cfg = load_config("tiny", [f"data.root={root}", f"run.out_dir={root.parent}",
                                "data.preference_eval_file=diag_pairs.json", f"rm.fact_augmented={arm == 'fact'}",
                                *overrides])
-    check_score_pool(adapter, cfg.rm.score_pool)  # read as it was trained
+    check_reading(adapter, Reading.of(cfg.rm))  # read as it was trained
     cpu = torch.device("cpu")
     a = load_assets(cfg, Path(sft), quantize=True, device=cpu)
     a.model.eval()
     load_adapter(a.model, adapter, "reward", trainable=False)
     _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
-    triples = score_pairs(a.model, held, 64, a.tokenizer.pad_token_id, a.images, cpu, cfg.rm.score_pool)
+    triples = score_pairs(a.model, held, 64, a.tokenizer.pad_token_id, a.images, cpu, Reading.of(cfg.rm))
     kinds = record_fields(root / "diag_pairs.json", ("lie_kind",))["lie_kind"]
     by = rm_accuracy_by(triples, [kinds[e.id] for e in held])
     print(arm, adapter, {k: (round(v["accuracy"], 3), v["n"]) for k, v in by.items()}, flush=True)
