@@ -3,6 +3,8 @@ rejected output has one wrong colour or one wrong place (600 each; the lies only
 captions refute), built from the held-out scenes of a ShapesWorld data root, and an RM's accuracy on them.
 
   python rm-colour-place-probe.py build runs/tiny/data
+  python rm-colour-place-probe.py build-degenerate runs/tiny/data   # then score with
+      data.preference_eval_file=degen_pairs.json
   python rm-colour-place-probe.py score <exp>/sft/final <exp>/seed0/fact/rm/reward_adapter fact runs/tiny/data \
       [key=value ...]
 
@@ -53,6 +55,27 @@ def build(root: Path) -> None:
     print(len(recs), "pairs")
 
 
+def build_degenerate(root: Path, n: int = 150) -> None:
+    """``degen_pairs.json``: a held-out scene's faithful description against what a policy might drift to
+    that says nothing false — "." , a bare "A <background> background with shapes.", the description
+    twice, the captions themselves — one pair of each per scene (session 19: is the facts' likelihood a
+    reward such text could beat?). Score with ``data.preference_eval_file=degen_pairs.json``."""
+    from factrl.trainers.shapesworld.scenes import Scene
+
+    scenes = [Scene.from_dict(d) for d in json.loads((root / "scenes.json").read_text())]
+    caps = json.loads((root / "image_to_caption.json").read_text())
+    rng = random.Random(5)
+    recs: list = []
+    for s in [s for s in scenes if s.split == "eval" and len(s.objects) > 1][:n]:
+        good = s.describe()
+        for kind, bad in (("dot", "."), ("generic", f"A {s.background} background with shapes."),
+                          ("twice", good + " " + good), ("captions", " ".join(caps[s.image]))):
+            r = _record(s, kind, good, bad, 1 if rng.random() < 0.5 else 2)
+            recs.append({**r, "hallucination": False})
+    (root / "degen_pairs.json").write_text(json.dumps(recs))
+    print(len(recs), "pairs")
+
+
 def score(sft: str, adapter: str, arm: str, root: Path, overrides=()) -> None:
     """The RM's accuracy per lie kind on the pairs ``build`` wrote: the RM stage's own loader
     (``rm.load_pairs``, the preset's template and caption order) and scorer."""
@@ -75,7 +98,7 @@ def score(sft: str, adapter: str, arm: str, root: Path, overrides=()) -> None:
     load_adapter(a.model, adapter, "reward", trainable=False)
     _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
     triples = score_pairs(a.model, held, 64, a.tokenizer.pad_token_id, a.images, cpu, Reading.of(cfg.rm))
-    kinds = record_fields(root / "diag_pairs.json", ("lie_kind",))["lie_kind"]
+    kinds = record_fields(root / cfg.data.preference_eval_file, ("lie_kind",))["lie_kind"]
     by = rm_accuracy_by(triples, [kinds[e.id] for e in held])
     print(arm, adapter, {k: (round(v["accuracy"], 3), v["n"]) for k, v in by.items()}, flush=True)
 
@@ -83,5 +106,7 @@ def score(sft: str, adapter: str, arm: str, root: Path, overrides=()) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(Path(sys.argv[2]))
+    elif sys.argv[1] == "build-degenerate":
+        build_degenerate(Path(sys.argv[2]))
     else:
         score(sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]), sys.argv[6:])
