@@ -416,10 +416,11 @@ def test_suffix_lm_loss_hand_worked():
     h[0, 3] = torch.tensor([9.0, -9.0, -9.0])  # predicts the pad: never a target
     h[1, 3] = torch.tensor([0.0, 0.0, lg(7.0)])  # p(2) = 7/9 -> CE log 9/7
     h[1, 0] = torch.tensor([-9.0, -9.0, 9.0])  # before the suffix: not read
-    got = R.suffix_lm_loss(LM(), h, ids, mask, torch.tensor([2, 1, 0]))
+    got = R.suffix_lm_loss(R.suffix_logprobs(LM(), h, ids, mask, torch.tensor([2, 1, 0])))
     torch.testing.assert_close(got, torch.tensor([(lg(2) + lg(5)) / 2, lg(9 / 7), 0.0]))
     # a suffix as long as the row: token 0 has no predictor, so targets start at 1
-    whole = R.suffix_lm_loss(LM(), torch.zeros(1, 3, 3), ids[:1, :3], mask[:1, :3], torch.tensor([3]))
+    whole = R.suffix_lm_loss(R.suffix_logprobs(LM(), torch.zeros(1, 3, 3), ids[:1, :3], mask[:1, :3],
+                                               torch.tensor([3])))
     torch.testing.assert_close(whole, torch.tensor([lg(3.0)]))
     # rm.facts_logprob_coef reads the same tokens as a score: the head (last token) + coef x the suffix's
     # summed log-probability; a reading that needs the lengths refuses to run without them

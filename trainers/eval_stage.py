@@ -61,16 +61,15 @@ def rm_eval(model, a, cfg: Config, device) -> dict:
 
     if ROLE not in model.adapter_state.names:
         return {}
+    reading = Reading.of(cfg.rm)
     _, held = load_pairs(cfg, a, cfg.rm.fact_augmented, held_only=True)
-    triples = score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
-                          Reading.of(cfg.rm))
+    triples = score_pairs(model, held, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device, reading)
     res = rm_accuracy(triples)
     if cfg.rm.fact_augmented:  # the same pairs with every image's facts another image's: a fact RM that
         # reads its facts loses accuracy here; one at its true-facts accuracy judges the response alone
         _, other = load_pairs(cfg, a, True, held_only=True, other_scenes=True)
         res["accuracy_other_scenes_facts"] = rm_accuracy(score_pairs(
-            model, other, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device,
-            Reading.of(cfg.rm)))["accuracy"]
+            model, other, cfg.eval.batch_size, a.tokenizer.pad_token_id, a.images, device, reading))["accuracy"]
     meta = held_out_fields(cfg, a.data_root, ("question_type", "lie_kind"))
     types, lies = meta["question_type"], meta["lie_kind"]
     if types:  # scored pairs are in load order; pairs dropped as too long are simply absent

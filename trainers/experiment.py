@@ -205,14 +205,15 @@ def rated_accuracy(cfg: Config, out: Path, seed: int) -> dict:
         write_atomic(files[src], json.dumps(records[src], indent=1) + "\n")
     captions = load_captions(root / c.data.captions_file)
     right: dict = {}  # (arm, source) -> {pair id: the RM prefers the faithful sample}
+    reading = Reading.of(c.rm)
     for arm, lay in layouts.items():
-        check_reading(lay.reward_adapter, Reading.of(c.rm))
+        check_reading(lay.reward_adapter, reading)
         load_adapter(model, lay.reward_adapter, "reward", trainable=False)
         for src, f in files.items():
             pairs = load_preferences(f, tok, a.num_image_tokens, c.data.max_seq_len, captions, arm == "fact",
                                      template=c.data.fact_template, image_folder=str(root / c.data.image_folder),
                                      system=c.data.system_prompt, seed=seed, shuffle_captions=c.data.shuffle_captions)
-            triples = score_pairs(model, pairs, c.eval.batch_size, tok.pad_token_id, a.images, device, Reading.of(c.rm))
+            triples = score_pairs(model, pairs, c.eval.batch_size, tok.pad_token_id, a.images, device, reading)
             right[arm, src] = {p.id: rc > rr for p, (rc, rr, _) in zip(pairs, triples)}
     acc = lambda arm, src, ids: (sum(right[arm, src][i] for i in ids) / len(ids)) if ids else None  # noqa: E731
     result = {}

@@ -52,7 +52,7 @@ def mean_token_scores(model, head: str, hidden: torch.Tensor, attention_mask: to
 
 def suffix_mask(attention_mask: torch.Tensor, suffix_len: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` bool: each row's last ``suffix_len`` ``[B]`` real tokens (right padding) — the RM
-    prompt after the response (``rm.score_pool=suffix``, ``suffix_lm_loss``)."""
+    prompt after the response (``rm.score_pool=suffix``, ``suffix_logprobs``)."""
     n = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) real tokens
     t = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
     return (t >= n - suffix_len.to(n.device)[:, None]) & (t < n)
@@ -82,10 +82,14 @@ def sequence_scores(model, head: str, hidden, attention_mask, pool: str = "last"
     if pool not in POOLS:
         raise ValueError(f"rm.score_pool={pool!r}: expected one of {', '.join(POOLS)}")
     if pool == "suffix":
-        if suffix_len is None or bool((suffix_len <= 0).any()):  # 0 would read nothing: a score of 0
-            raise ValueError("rm.score_pool=suffix needs each row's RM-prompt length (suffix_len > 0)")
+        _need_suffix(suffix_len, "rm.score_pool=suffix")
         return suffix_token_scores(model, head, hidden, attention_mask, suffix_len)
     return POOLS[pool](model, head, hidden, attention_mask)
+
+
+def _need_suffix(suffix_len, what: str) -> None:
+    if suffix_len is None or bool((suffix_len <= 0).any()):  # 0 would read nothing: a score of 0
+        raise ValueError(f"{what} needs each row's RM-prompt length (suffix_len > 0)")
 
 
 @dataclass(frozen=True)
@@ -108,18 +112,21 @@ class Reading:
         return self.pool == "suffix" or self.facts_coef > 0
 
 
-def rm_scores(model, head: str, hidden, input_ids, attention_mask, reading: Reading, suffix_len=None) -> torch.Tensor:
+def rm_scores(model, head: str, hidden, input_ids, attention_mask, reading: Reading, suffix_len=None,
+              facts_logprob=None) -> torch.Tensor:
     """The RM score ``[B]`` fp32 of each row (right padding): the head read as ``reading.pool`` says,
     plus ``reading.facts_coef`` x sum of log p(token | before) over each row's last ``suffix_len`` ``[B]``
-    tokens. Not the recipe's (its score is the head alone): a model that can copy a caption from the
-    response before it (rm.facts_lm_coef teaches the tiny one to) finds the facts improbable after a
-    response that states something they contradict or leaves out what they state — a reading of
-    every caption token at once, not routed to one last position (README, session 19)."""
+    tokens (``facts_logprob`` ``[B]``: that sum, when the caller has it already). Not the recipe's (its
+    score is the head alone): a model that can copy a caption from the response before it
+    (rm.facts_lm_coef teaches the tiny one to) finds the facts improbable after a response that states
+    something they contradict or leaves out what they state — a reading of every caption token at
+    once, not routed to one last position (README, session 19)."""
     r = sequence_scores(model, head, hidden, attention_mask, reading.pool, suffix_len)
     if reading.facts_coef > 0:
-        if suffix_len is None or bool((suffix_len <= 0).any()):
-            raise ValueError("rm.facts_logprob_coef > 0 needs each row's RM-prompt length (suffix_len > 0)")
-        r = r + reading.facts_coef * suffix_logprobs(model, hidden, input_ids, attention_mask, suffix_len)[0]
+        _need_suffix(suffix_len, "rm.facts_logprob_coef > 0")
+        if facts_logprob is None:
+            facts_logprob = suffix_logprobs(model, hidden, input_ids, attention_mask, suffix_len)[0]
+        r = r + reading.facts_coef * facts_logprob
     return r
 
 
@@ -143,9 +150,10 @@ def check_reading(adapter_dir, reading: Reading) -> None:
                              f"rm.score_pool={reading.pool} rm.facts_logprob_coef={reading.facts_coef}; set them so")
 
 
-def pair_rewards(model, b: dict, reading: Reading = Reading(), with_hidden: bool = False):
+def pair_rewards(model, b: dict, reading: Reading = Reading(), with_facts_lm: bool = False):
     """(r_chosen, r_rejected) ``[B]``: both responses in one ``[2B, T]`` pass, image features once;
-    ``with_hidden``: also the chosen rows' hidden states ``[B, T, H]`` (for ``suffix_lm_loss``)."""
+    ``with_facts_lm``: also the chosen rows' ``suffix_lm_loss`` ``[B]`` (rm.facts_lm_coef), from the
+    same log-probs the score reads when it reads them (the LM head runs once per suffix token)."""
     ids = torch.cat([b["chosen_input_ids"], b["rejected_input_ids"]])
     mask = torch.cat([b["chosen_attention_mask"], b["rejected_attention_mask"]])
     feats = None
@@ -154,9 +162,17 @@ def pair_rewards(model, b: dict, reading: Reading = Reading(), with_hidden: bool
         feats = torch.cat([f, f])
     with model.adapter(ROLE):
         h = model(ids, mask, image_features=feats)
-    r = rm_scores(model, ROLE, h, ids, mask, reading, torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]]))
+    sfx = torch.cat([b["chosen_suffix_len"], b["rejected_suffix_len"]])
     B = b["chosen_input_ids"].shape[0]
-    return (r[:B], r[B:], h[:B]) if with_hidden else (r[:B], r[B:])
+    lp = None
+    if reading.facts_coef > 0:  # both rows' facts are part of the score
+        lp = suffix_logprobs(model, h, ids, mask, sfx)
+    elif with_facts_lm:  # the LM term's rows only
+        lp = suffix_logprobs(model, h[:B], ids[:B], mask[:B], sfx[:B])
+    r = rm_scores(model, ROLE, h, ids, mask, reading, sfx, None if lp is None else lp[0])
+    if not with_facts_lm:
+        return r[:B], r[B:]
+    return r[:B], r[B:], suffix_lm_loss((lp[0][:B], lp[1][:B]))
 
 
 def suffix_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -173,11 +189,10 @@ def suffix_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor, attent
     return total, target.sum(-1).float()
 
 
-def suffix_lm_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   suffix_len: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each row's last ``suffix_len`` real tokens (``suffix_logprobs``):
-    ``[B]`` fp32, 0 for a row without any."""
-    total, n = suffix_logprobs(model, hidden, input_ids, attention_mask, suffix_len)
+def suffix_lm_loss(logprobs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over each row's suffix, from ``suffix_logprobs``' (sum, count):
+    ``[B]`` fp32, 0 for a row without any (rm.facts_lm_coef's term)."""
+    total, n = logprobs
     return -total / n.clamp(min=1)
 
 
@@ -272,9 +287,8 @@ def train_rm(cfg: Config) -> dict:
 
     def loss_fn(b, norm):
         with autocast(device, cfg.model.dtype):
-            rc, rr, *h = pair_rewards(model, b, reading, with_hidden=lm_coef > 0)
-            lm = suffix_lm_loss(model, h[0], b["chosen_input_ids"], b["chosen_attention_mask"],
-                                b["chosen_suffix_len"]) if h else None
+            rc, rr, *lm = pair_rewards(model, b, reading, with_facts_lm=lm_coef > 0)
+            lm = lm[0] if lm else None
         loss = F.binary_cross_entropy_with_logits(rc - rr, torch.ones_like(rc), reduction="sum")
         if cfg.rm.mean_reward_penalty > 0:
             # the original's |mean(r_0 + r_1)| x coef (RLHF/models/reward_model.py:315), per micro-batch
